@@ -1,0 +1,314 @@
+"""``pynbd``: a qemu-nbd compatible command line.
+
+Rules of this module: argument errors print one line (``pynbd: ...``) and exit
+with status 2; the server prints nothing on success unless ``-v`` or
+``--print-uri``.  Sockets are bound before any fork so that errors reach the
+user's terminal and ``--fork`` returns only once clients can connect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import urllib.parse
+from typing import TYPE_CHECKING, NoReturn
+
+from . import __version__
+from .backends import FileBackend, MemoryBackend, OffsetBackend, parse_size
+from .server import Export, ExportTable, Server
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .backends.base import Backend
+
+DEFAULT_PORT = 10809
+MEMORY_PREFIX = "memory:"
+
+
+class UsageError(Exception):
+    """A bad command line; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the command line decides."""
+
+    image: str
+    read_only: bool = False
+    shared: int = 1
+    persistent: bool = False
+    export_name: str = ""
+    description: str = ""
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    socket_path: str | None = None
+    fmt: str = "raw"
+    offset: int = 0
+    discard: str = "ignore"
+    fork: bool = False
+    pid_file: str | None = None
+    verbose: int = 0
+    print_uri: bool = False
+    handshake_limit: float = 10.0
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
+    return value
+
+
+def _shared(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shared connection count {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"shared connection count {value} is negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pynbd", description="Export a disk image over NBD "
+                "(command line compatible with qemu-nbd).")
+    p.add_argument("image", metavar="IMAGE",
+                   help="raw image file or block device, or memory:SIZE for a RAM disk")
+    p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    p.add_argument("-e", "--shared", type=_shared, default=1, metavar="NUM",
+                   help="allow NUM simultaneous clients (default 1, 0 = unlimited)")
+    p.add_argument("-t", "--persistent", action="store_true",
+                   help="keep serving after the last client disconnects")
+    p.add_argument("-x", "--export-name", default="", metavar="NAME",
+                   help='export name (default "")')
+    p.add_argument("-D", "--description", default="", metavar="TEXT",
+                   help="export description")
+    p.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT,
+                   help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("-b", "--bind", default="0.0.0.0", metavar="ADDR",
+                   help="address to listen on (default 0.0.0.0)")
+    p.add_argument("-k", "--socket", dest="socket_path", metavar="PATH",
+                   help="listen on a Unix socket instead of TCP")
+    p.add_argument("-f", "--format", dest="fmt", default="raw", metavar="FORMAT",
+                   help="image format (raw)")
+    p.add_argument("-o", "--offset", type=_nonneg_int, default=0,
+                   help="export the image starting at this byte offset")
+    p.add_argument("--discard", choices=("ignore", "unmap", "off", "on"), default="ignore",
+                   help="ignore (default) or unmap (pass trims to the image)")
+    p.add_argument("--fork", action="store_true",
+                   help="run in the background once the server is ready")
+    p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    p.add_argument("--handshake-limit", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="drop clients that take longer to negotiate (0 = never)")
+    p.add_argument("--print-uri", action="store_true",
+                   help="print the NBD URI of the export once listening")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+    p.add_argument("-V", "--version", action="version", version=f"pynbd {__version__}")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """Turn the command line into a ``Config``; raise ``UsageError`` on bad input."""
+    ns = build_parser().parse_args(argv)
+    if ns.fmt != "raw":
+        raise UsageError(f"unsupported image format {ns.fmt!r} (only raw is supported)")
+    if ns.socket_path is not None and not ns.socket_path:
+        raise UsageError("socket path must not be empty")
+    discard = {"off": "ignore", "on": "unmap"}.get(ns.discard, ns.discard)
+    for label, text in (("export name", ns.export_name), ("description", ns.description)):
+        if len(text.encode("utf-8")) > 4096:
+            raise UsageError(f"{label} is longer than 4096 bytes")
+    return Config(
+        image=ns.image, read_only=ns.read_only, shared=ns.shared, persistent=ns.persistent,
+        export_name=ns.export_name, description=ns.description, port=ns.port,
+        bind=ns.bind, socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
+        discard=discard, fork=ns.fork, pid_file=ns.pid_file, verbose=ns.verbose,
+        print_uri=ns.print_uri, handshake_limit=ns.handshake_limit)
+
+
+def open_backend(config: Config) -> Backend:
+    """Open the image the config names; ``UsageError`` for a bad spec."""
+    backend: Backend
+    if config.image.startswith(MEMORY_PREFIX):
+        try:
+            size = parse_size(config.image[len(MEMORY_PREFIX):])
+        except ValueError as err:
+            raise UsageError(f"bad memory disk size: {err}") from None
+        backend = MemoryBackend(size)
+    else:
+        try:
+            backend = FileBackend(config.image, read_only=config.read_only,
+                                  discard=config.discard == "unmap")
+        except OSError as err:
+            raise UsageError(f"cannot open {config.image!r}: {err.strerror}") from None
+    if config.offset:
+        try:
+            backend = OffsetBackend(backend, config.offset)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return backend
+
+
+def bind_socket(config: Config) -> socket.socket:
+    """Bind and listen on the configured address; ``UsageError`` if impossible."""
+    try:
+        if config.socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                if _is_socket(config.socket_path):
+                    os.unlink(config.socket_path)
+            sock.bind(config.socket_path)
+        else:
+            infos = socket.getaddrinfo(config.bind, config.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, kind, proto, _, addr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError as err:
+        where = config.socket_path or f"{config.bind}:{config.port}"
+        raise UsageError(f"cannot listen on {where}: {err.strerror or err}") from None
+    return sock
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+def export_uri(config: Config, sock: socket.socket) -> str:
+    """The NBD URI a client uses to reach the export."""
+    name = urllib.parse.quote(config.export_name, safe="")
+    if config.socket_path is not None:
+        path = urllib.parse.quote(os.path.abspath(config.socket_path), safe="/")
+        return f"nbd+unix:///{name}?socket={path}"
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"nbd://{host}:{port}/{name}"
+
+
+async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
+    exports = ExportTable()
+    exports.add(Export(config.export_name, backend, description=config.description,
+                       read_only=config.read_only, multi_conn=config.shared != 1))
+    server = Server(exports, max_connections=config.shared, persistent=config.persistent,
+                    handshake_limit=config.handshake_limit)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.start([sock])
+    await server.serve_until_stopped()
+
+
+def _fork() -> int | None:
+    """Fork; the parent gets the read end of a readiness pipe, the child ``None``."""
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        return read_fd
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    global _ready_fd
+    _ready_fd = write_fd
+    return None
+
+
+_ready_fd: int | None = None
+
+
+def _signal_ready() -> None:
+    global _ready_fd
+    if _ready_fd is not None:
+        os.write(_ready_fd, b"ok")
+        os.close(_ready_fd)
+        _ready_fd = None
+
+
+def run(config: Config) -> int:
+    """Serve until stopped; return the exit status."""
+    logging.basicConfig(
+        level=logging.DEBUG if config.verbose > 1 else
+        logging.INFO if config.verbose else logging.WARNING,
+        format="pynbd: %(message)s")
+    backend = open_backend(config)
+    sock = bind_socket(config)
+    if config.print_uri:
+        print(export_uri(config, sock), flush=True)
+    if config.fork:
+        ready = _fork()
+        if ready is not None:  # the parent: wait for the child, leave everything to it
+            ok = os.read(ready, 2) == b"ok"
+            os._exit(0 if ok else 1)
+    try:
+        if config.pid_file:
+            with open(config.pid_file, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+        _signal_ready()
+        asyncio.run(_serve(config, backend, sock))
+    finally:
+        sock.close()
+        if config.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(config.socket_path)
+        if config.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(config.pid_file)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pynbd`` command."""
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+        return run(config)
+    except UsageError as err:
+        print(f"pynbd: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,82 @@
+"""Events the protocol cores hand to the I/O shell.
+
+Rules of this module: frozen, slotted dataclasses only; an event that exists
+is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .constants import Cmd, CmdFlag, Errno
+    from .negotiated import Negotiated
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+#: returned by ``next_event`` when more bytes must be received first
+NEED_DATA = _Sentinel.NEED_DATA
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandshakeDone:
+    """The client chose an export; transmission starts.
+
+    ``trailing`` holds bytes the client already sent after the handshake;
+    they belong to the transmission phase.
+    """
+
+    negotiated: Negotiated
+    trailing: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandshakeClosed:
+    """The handshake ended without an export: close the connection."""
+
+    reason: str
+    #: the client asked to leave (NBD_OPT_ABORT) rather than being dropped
+    graceful: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StartTLS:
+    """The client asked for TLS and was told yes; upgrade the stream now."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """A valid transmission request, ready for the backend."""
+
+    cmd: Cmd
+    flags: CmdFlag
+    cookie: int
+    offset: int
+    length: int
+    #: WRITE data (exactly ``length`` bytes); ``None`` for other commands
+    payload: bytes | bytearray | memoryview | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InvalidRequest:
+    """A request to answer with an error without touching the backend."""
+
+    cookie: int
+    cmd: int
+    errno: Errno
+    message: str
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Disconnect:
+    """NBD_CMD_DISC: finish outstanding requests, then close."""
+
+
+HandshakeEvent = HandshakeDone | HandshakeClosed | StartTLS | _Sentinel
+TransmissionEvent = Request | InvalidRequest | Disconnect | _Sentinel
