@@ -102,8 +102,9 @@ class Connection:
         limit = self.server.handshake_limit or None
         async with asyncio.timeout(limit):
             while True:
-                self.writer.write(core.data_to_send())
                 event = core.next_event()
+                # replies to the options just processed go out before we wait
+                self.writer.write(core.data_to_send())
                 if event is NEED_DATA:
                     await self.writer.drain()
                     data = await self.reader.read(READ_CHUNK)
@@ -111,7 +112,6 @@ class Connection:
                         return None
                     core.receive_data(data)
                     continue
-                self.writer.write(core.data_to_send())
                 await self.writer.drain()
                 if isinstance(event, HandshakeClosed):
                     log.info("%s: %s", self.peer, event.reason)
