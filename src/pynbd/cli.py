@@ -304,8 +304,13 @@ def run(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pynbd`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["daemon"]:
+        from .daemon import main as daemon_main
+
+        return daemon_main(args[1:])
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
+        config = parse_args(args)
         return run(config)
     except UsageError as err:
         print(f"pynbd: {err}", file=sys.stderr)

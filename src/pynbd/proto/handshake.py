@@ -186,7 +186,8 @@ class ServerHandshake:
             return NEED_DATA
         (flags,) = wire.CLIENT_FLAGS.unpack_from(self._buf)
         del self._buf[:wire.CLIENT_FLAGS.size]
-        if flags & ~_KNOWN_CLIENT_FLAGS:
+        # int(): ~ on an IntFlag only complements its known members (0 here)
+        if flags & ~int(_KNOWN_CLIENT_FLAGS):
             raise ProtocolError(f"client set unknown flags {flags:#x}")
         self._fixed = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
         self._no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
@@ -206,6 +207,9 @@ class ServerHandshake:
                                 "EXPORT_NAME")
         if length > MAX_OPTION_DATA:
             del self._buf[:wire.OPTION_HEADER.size]
+            if option == Opt.EXPORT_NAME:
+                # EXPORT_NAME has no error reply: the server must close (spec 2.6)
+                return self._close(f"export name of {length} bytes is too long")
             self._skipped_option = option
             self._skip = length
             self.receive_data(self._take(len(self._buf)))
@@ -240,7 +244,8 @@ class ServerHandshake:
 
     def _reply(self, option: int, rep: Rep, payload: bytes | str = b"") -> None:
         if isinstance(payload, str):
-            payload = payload.encode("utf-8")[:MAX_STRING]
+            # cut to MAX_STRING bytes without leaving half a character behind
+            payload = payload.encode("utf-8")[:MAX_STRING].decode("utf-8", "ignore").encode()
         self._out.append(wire.OPTION_REPLY_HEADER.pack(REPLY_MAGIC, option, rep, len(payload)))
         if payload:
             self._out.append(payload)

@@ -146,7 +146,8 @@ class ServerTransmission:
         allowed = _ALLOWED_FLAGS.get(command)
         if allowed is None:
             return Errno.EINVAL, f"command {command.name} is not supported"
-        if flags & ~allowed:
+        # int(): ~ on an IntFlag only complements its known members, not unknown bits
+        if flags & ~int(allowed):
             return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
         if command in _WRITE_TYPE and self.negotiated.read_only:
             return Errno.EPERM, "export is read-only"
@@ -184,7 +185,8 @@ class ServerTransmission:
         """Failure of any command, with a human message when the client can see it."""
         if not self._structured:
             return [wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, cookie)]
-        text = message.encode("utf-8")[:4096]
+        # at most 4096 bytes, without leaving half a character behind
+        text = message.encode("utf-8")[:4096].decode("utf-8", "ignore").encode()
         if offset is None:
             body = wire.ERROR_CHUNK.pack(errno, len(text)) + text
             kind = ReplyType.ERROR

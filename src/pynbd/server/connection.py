@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -50,6 +51,15 @@ READ_CHUNK = 256 * 1024
 Handler = Callable[[Request], Awaitable[list[Buffer]]]
 
 
+@dataclasses.dataclass(slots=True)
+class ConnectionStats:
+    """Counters shown by QMP ``x-query-nbd-clients``."""
+
+    requests: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
 class Connection:
     """Serves one accepted client until it leaves or the server stops."""
 
@@ -60,6 +70,9 @@ class Connection:
         self.writer = writer
         self.peer = peer
         self.export: Export | None = None
+        #: the task serving this connection (set by the server)
+        self.task: asyncio.Task[None] | None = None
+        self.stats = ConnectionStats()
         self._core: ServerTransmission | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -167,8 +180,14 @@ class Connection:
             self.writer.writelines(buffers)
 
     async def _serve(self, core: ServerTransmission, request: Request) -> None:
+        stats = self.stats
+        stats.requests += 1
         try:
             reply = await self._handlers[request.cmd](request)
+            if request.cmd == Cmd.READ:
+                stats.bytes_read += request.length
+            elif request.cmd == Cmd.WRITE:
+                stats.bytes_written += request.length
         except OSError as err:
             errno = _reply_errno(request, err.errno)
             reply = core.reply_error(request.cookie, errno, err.strerror or str(err))

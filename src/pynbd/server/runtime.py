@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from .connection import Connection
 
 if TYPE_CHECKING:
-    from .export import ExportTable
+    from .export import Export, ExportTable
 
 log = logging.getLogger("pynbd.server")
 
@@ -67,12 +67,27 @@ class Server:
             self._servers.append(server)
 
     async def serve_until_stopped(self) -> None:
-        """Run until ``request_stop`` is called, then shut down in order."""
+        """Run until ``request_stop`` is called, then shut down in order.
+
+        Used by the plain ``pynbd IMAGE`` command, which owns its backends:
+        after the connections are gone every backend is flushed and closed.
+        """
         await self._stop.wait()
-        await self._shutdown()
+        await self.close()
+        for backend in self.exports.backends():
+            try:
+                if backend.capabilities.can_flush and backend.capabilities.can_write:
+                    await backend.flush()
+            except OSError as err:
+                log.error("final flush failed: %s", err)
+            await backend.close()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     # -- connections ------------------------------------------------------------------
 
@@ -92,7 +107,7 @@ class Server:
         if refusal is None:
             self.connections.add(conn)
         log.info("%s: connected%s", peer, f" (refused: {refusal})" if refusal else "")
-        task = asyncio.current_task()
+        task = conn.task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
         try:
@@ -118,24 +133,27 @@ class Server:
 
     # -- shutdown ----------------------------------------------------------------------
 
-    async def _shutdown(self) -> None:
+    async def close(self) -> None:
+        """Stop listening and end every connection (in-flight requests finish first)."""
+        self._stop.set()
         for server in self._servers:
             server.close()
-        tasks = set(self._tasks)
+        await self._end_connections(set(self._tasks))
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self._servers.clear()
+
+    async def drop_clients(self, export: Export) -> None:
+        """End every connection using ``export`` (QMP ``block-export-del`` hard mode)."""
+        await self._end_connections({conn.task for conn in self.connections
+                                     if conn.export is export and conn.task is not None})
+
+    async def _end_connections(self, tasks: set[asyncio.Task[None]]) -> None:
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
-        for backend in self.exports.backends():
-            try:
-                if backend.capabilities.can_flush and backend.capabilities.can_write:
-                    await backend.flush()
-            except OSError as err:
-                log.error("final flush failed: %s", err)
-            await backend.close()
 
 
 def _describe_peer(peer: object) -> str:

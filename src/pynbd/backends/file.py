@@ -1,0 +1,382 @@
+"""A raw image file or block device, shared by every connection through one fd.
+
+Rules of this module:
+- The file is opened once (``os.open``, ``O_CLOEXEC``); every connection uses
+  that one fd, so there is no per-connection cache and ``flush`` on the fd
+  covers every completed write (what ``NBD_FLAG_CAN_MULTI_CONN`` needs).
+- All I/O is offset-explicit (``os.preadv``/``os.pwritev``); the fd position
+  is never used for I/O (``block_status`` moves it with ``SEEK_DATA``/
+  ``SEEK_HOLE`` and only uses the returned offsets).
+- The event loop never blocks on storage: reads and writes are first tried
+  inline with ``RWF_NOWAIT`` (served from the page cache, or failing at once);
+  whatever remains, and every call that can block (``fdatasync``,
+  ``fallocate``, ``ioctl``), runs in the shared ``pynbd-io`` thread pool.
+- Durability latch (as qemu's file driver): once ``fdatasync`` has failed, the
+  kernel may have dropped the dirty pages, so every later ``flush`` and FUA
+  request fails with ``EIO`` until a new ``FileBackend`` is opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import enum
+import errno
+import fcntl
+import functools
+import os
+import stat
+import struct
+from typing import TYPE_CHECKING, TypeVar
+
+from .base import Backend, Capabilities, Extent, ExtentFlags, FastZeroUnsupported
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_T = TypeVar("_T")
+
+#: Blocking work goes here; threads are started on demand.
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pynbd-io")
+
+#: Requests larger than this skip the inline attempt and go to the pool.
+INLINE_MAX = 1 << 20
+
+#: ``block_status`` returns at most this many extents per call.
+MAX_EXTENTS = 1024
+
+#: One shared buffer of zeroes for the write-zeroes fallback and zero fills.
+_ZEROES = memoryview(bytes(1 << 20))
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# <linux/fs.h>: _IO(0x12, n)
+BLKSSZGET = 0x1268
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+_RANGE = struct.Struct("=QQ")  # uint64_t range[2] = {start, length}
+
+#: errno values that mean "this operation is not implemented here".
+_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY})
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)``; raises ``OSError`` with the real errno."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+async def _in_pool(call: Callable[[], _T]) -> _T:
+    """Run a blocking call in the shared I/O thread pool.
+
+    If the awaiting task is cancelled the call still runs to completion in
+    its thread (a syscall cannot be interrupted from here).
+    """
+    return await asyncio.get_running_loop().run_in_executor(_POOL, call)
+
+
+def _as_bytes(data: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _fill_zeroes(view: memoryview) -> None:
+    for pos in range(0, len(view), len(_ZEROES)):
+        count = min(len(_ZEROES), len(view) - pos)
+        view[pos:pos + count] = _ZEROES[:count]
+
+
+class _Feature(enum.Enum):
+    """Optional kernel features; one found missing is not tried again."""
+
+    NOWAIT_READ = enum.auto()
+    NOWAIT_WRITE = enum.auto()
+    PUNCH_HOLE = enum.auto()
+    ZERO_RANGE = enum.auto()
+    BLKZEROOUT = enum.auto()
+    BLKDISCARD = enum.auto()
+    SEEK_DATA = enum.auto()
+
+
+class FileBackend(Backend):
+    """A raw image file or a block device.
+
+    Args:
+        path: the file or block device to serve.
+        read_only: open ``O_RDONLY``; writes fail with ``EBADF``.
+        discard: let ``trim`` and ``write_zeroes(may_trim=True)`` punch holes
+            (otherwise trim is a no-op, like ``qemu-nbd --discard=ignore``).
+
+    Raises:
+        OSError: the path cannot be opened (``filename`` is set), or it is
+            neither a regular file nor a block device.
+    """
+
+    def __init__(self, path: str, *, read_only: bool = False, discard: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.discard = discard
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        fd = os.open(path, flags)
+        #: logical sector size (the alignment BLKDISCARD/BLKZEROOUT need)
+        self._sector = 512
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                self.is_block_device = False
+                self.size = st.st_size
+            elif stat.S_ISBLK(st.st_mode):
+                self.is_block_device = True
+                self.size = os.lseek(fd, 0, os.SEEK_END)
+                self._sector = struct.unpack(
+                    "i", fcntl.ioctl(fd, BLKSSZGET, struct.pack("i", 0)))[0]
+            else:
+                raise OSError(errno.EINVAL, "not a regular file or block device", path)
+        except BaseException:
+            os.close(fd)
+            raise
+        #: the shared fd; -1 once closed
+        self._fd = fd
+        self._unsupported: set[_Feature] = set()
+        #: the first failed fdatasync; set once, never cleared
+        self._sync_error: OSError | None = None
+        writable = not read_only
+        self.capabilities = Capabilities(
+            can_write=writable,
+            can_flush=True,
+            can_fua=writable,
+            can_trim=discard and writable,
+            can_zero=writable,
+            can_fast_zero=writable,
+            can_cache=True,
+            can_extents=not self.is_block_device,
+            can_multi_conn=True,
+        )
+
+    def __repr__(self) -> str:
+        return (f"FileBackend({self.path!r}, read_only={self.read_only}, "
+                f"discard={self.discard}, size={self.size})")
+
+    # -- reads and writes --------------------------------------------------
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        view = _as_bytes(buf)
+        done = 0
+        if len(view) <= INLINE_MAX and _Feature.NOWAIT_READ not in self._unsupported:
+            done = self._nowait(os.preadv, _Feature.NOWAIT_READ, view, offset)
+        if done < len(view):
+            await _in_pool(functools.partial(self._pread_all, view[done:], offset + done))
+
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None:
+        view = _as_bytes(data)
+        done = 0
+        if len(view) <= INLINE_MAX and _Feature.NOWAIT_WRITE not in self._unsupported:
+            done = self._nowait(os.pwritev, _Feature.NOWAIT_WRITE, view, offset)
+        if done < len(view):
+            await _in_pool(functools.partial(self._pwrite_all, view[done:], offset + done))
+        if fua:
+            await self._sync()
+
+    def _nowait(self, syscall: Callable[[int, list[memoryview], int, int], int],
+                feature: _Feature, view: memoryview, offset: int) -> int:
+        """One inline ``RWF_NOWAIT`` attempt; returns the bytes done (maybe 0)."""
+        try:
+            return syscall(self._fd, [view], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED or exc.errno == errno.EINVAL:
+                self._unsupported.add(feature)
+                return 0
+            raise
+
+    def _pread_all(self, view: memoryview, offset: int) -> None:
+        pos = 0
+        while pos < len(view):
+            count = os.preadv(self._fd, [view[pos:]], offset + pos)
+            if count == 0:
+                # past the end of the file (it shrank under us): holes read as zeroes
+                _fill_zeroes(view[pos:])
+                return
+            pos += count
+
+    def _pwrite_all(self, view: memoryview, offset: int) -> None:
+        pos = 0
+        while pos < len(view):
+            count = os.pwritev(self._fd, [view[pos:]], offset + pos)
+            if count == 0:
+                raise OSError(errno.ENOSPC, "write made no progress", self.path)
+            pos += count
+
+    def _write_zero_buffers(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            count = min(len(_ZEROES), end - offset)
+            self._pwrite_all(_ZEROES[:count], offset)
+            offset += count
+
+    # -- durability --------------------------------------------------------
+
+    async def flush(self) -> None:
+        await self._sync()
+
+    async def _sync(self) -> None:
+        if self._sync_error is not None:
+            raise OSError(errno.EIO, "an earlier fdatasync failed, so written data may be "
+                          "lost; reopen the backend", self.path) from self._sync_error
+        try:
+            await _in_pool(self._fdatasync)
+        except OSError as exc:
+            if self._sync_error is None:
+                self._sync_error = exc
+            raise
+
+    # -- trim and zero -----------------------------------------------------
+
+    def _fdatasync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        _fallocate(self._fd, mode, offset, length)
+
+    def _ioctl_range(self, request: int, offset: int, length: int) -> None:
+        fcntl.ioctl(self._fd, request, _RANGE.pack(offset, length))
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        if not self.discard or length <= 0:
+            return
+        if self.is_block_device:
+            start, stop = self._sector_align_inward(offset, length)
+            if stop > start:
+                await self._try_in_pool(_Feature.BLKDISCARD, functools.partial(
+                    self._ioctl_range, BLKDISCARD, start, stop - start))
+        else:
+            await self._try_in_pool(_Feature.PUNCH_HOLE, functools.partial(
+                self._fallocate, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length))
+        if fua:
+            await self._sync()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
+                           fast: bool = False, fua: bool = False) -> None:
+        if length > 0:
+            if self.is_block_device:
+                await self._zero_block_device(offset, length, fast=fast)
+            else:
+                await self._zero_file(offset, length, may_trim=may_trim, fast=fast)
+        if fua:
+            await self._sync()
+
+    async def _zero_file(self, offset: int, length: int, *, may_trim: bool,
+                         fast: bool) -> None:
+        if may_trim and self.discard and await self._try_in_pool(
+                _Feature.PUNCH_HOLE, functools.partial(
+                    self._fallocate, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    offset, length)):
+            return
+        if await self._try_in_pool(_Feature.ZERO_RANGE, functools.partial(
+                self._fallocate, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)):
+            return
+        if fast:
+            raise FastZeroUnsupported("this filesystem cannot zero a range without writing")
+        await _in_pool(functools.partial(self._write_zero_buffers, offset, length))
+
+    async def _zero_block_device(self, offset: int, length: int, *, fast: bool) -> None:
+        start, stop = self._sector_align_inward(offset, length)
+        if stop > start:
+            zeroed = await self._try_in_pool(_Feature.BLKZEROOUT, functools.partial(
+                self._ioctl_range, BLKZEROOUT, start, stop - start))
+            if not zeroed:
+                if fast:
+                    raise FastZeroUnsupported("this device has no BLKZEROOUT")
+                start = stop = offset  # write everything below
+        # the unaligned edges (less than a sector each), or all of it
+        end = offset + length
+        for edge_start, edge_stop in ((offset, start), (stop, end)):
+            if edge_stop > edge_start:
+                await _in_pool(functools.partial(
+                    self._write_zero_buffers, edge_start, edge_stop - edge_start))
+
+    def _sector_align_inward(self, offset: int, length: int) -> tuple[int, int]:
+        sector = self._sector
+        start = -(-offset // sector) * sector
+        stop = (offset + length) // sector * sector
+        return start, max(start, stop)
+
+    async def _try_in_pool(self, feature: _Feature, call: Callable[[], object]) -> bool:
+        """Run an optional operation; False if the kernel or filesystem lacks it.
+
+        ``EINVAL`` also returns False (some filesystems reject unaligned ranges
+        that they should accept) but is not remembered.
+        """
+        if feature in self._unsupported:
+            return False
+        try:
+            await _in_pool(call)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                self._unsupported.add(feature)
+                return False
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
+    # -- metadata ----------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return []
+        if self.is_block_device or _Feature.SEEK_DATA in self._unsupported:
+            return [Extent(end - offset, ExtentFlags.DATA)]
+        extents: list[Extent] = []
+        pos = offset
+        while pos < end and len(extents) < MAX_EXTENTS:
+            run_end, flags = self._next_run(pos, end)
+            extents.append(Extent(run_end - pos, flags))
+            pos = run_end
+        return extents
+
+    def _next_run(self, pos: int, end: int) -> tuple[int, ExtentFlags]:
+        """The end (``> pos``, ``<= end``) and status of the run starting at ``pos``."""
+        if _Feature.SEEK_DATA in self._unsupported:
+            return end, ExtentFlags.DATA
+        try:
+            data = os.lseek(self._fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos: a hole up to EOF
+                return end, ExtentFlags.HOLE | ExtentFlags.ZERO
+            if exc.errno in _UNSUPPORTED or exc.errno == errno.EINVAL:
+                self._unsupported.add(_Feature.SEEK_DATA)
+                return end, ExtentFlags.DATA
+            raise
+        if data > pos:
+            return min(data, end), ExtentFlags.HOLE | ExtentFlags.ZERO
+        try:
+            hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            hole = end  # the file shrank under us; data is always a safe answer
+        # a concurrent trim may have made pos a hole since SEEK_DATA: DATA stays safe
+        return min(max(hole, pos + 1), end), ExtentFlags.DATA
+
+    async def cache(self, offset: int, length: int) -> None:
+        if length > 0:  # a length of 0 would mean "to the end of the file"
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            # later calls fail with EBADF instead of reaching a reused fd number
+            os.close(fd)

@@ -1,0 +1,145 @@
+"""``pynbd daemon``: a storage daemon driven by QMP, like qemu-storage-daemon.
+
+Start-up options mirror the QMP commands and run through the same engine:
+``--blockdev`` is ``blockdev-add``, ``--nbd-server`` is ``nbd-server-start``
+(with qemu-storage-daemon's flat ``addr.type=unix,addr.path=...`` form) and
+``--export`` is ``block-export-add``.  A bad option prints one line and exits
+with status 2.  The daemon runs until QMP ``quit``, SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from . import __version__
+from .qmp import schema as s
+from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, Engine
+from .qmp.protocol import QMPError
+from .qmp.server import QMPServer
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+#: qemu-storage-daemon's --nbd-server takes a flat SocketAddress
+_NBD_SERVER_OPTS = s.Struct(
+    {"addr": s.Union_("type", {
+        "unix": s.Struct({"path": str}),
+        "inet": s.Struct({"host": str, "port": str, "ipv4": bool, "ipv6": bool},
+                         frozenset({"ipv4", "ipv6"}))}),
+     "max-connections": int, "handshake-max-seconds": int, "tls-creds": str,
+     "tls-authz": str},
+    frozenset({"max-connections", "handshake-max-seconds", "tls-creds", "tls-authz"}))
+
+
+class DaemonUsageError(Exception):
+    """A bad command line; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise DaemonUsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pynbd daemon", description="Serve NBD exports managed over QMP "
+                "(in the style of qemu-storage-daemon).")
+    p.add_argument("--qmp", metavar="PATH", help="QMP server on this Unix socket")
+    p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
+                   help="add a block node, e.g. driver=file,node-name=n0,filename=disk.img")
+    p.add_argument("--nbd-server", metavar="OPTS",
+                   help="start the NBD server, e.g. addr.type=unix,addr.path=/run/nbd.sock")
+    p.add_argument("--export", action="append", default=[], metavar="OPTS",
+                   help="add an export, e.g. type=nbd,id=e0,node-name=n0,writable=on")
+    p.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+    p.add_argument("-V", "--version", action="version", version=f"pynbd {__version__}")
+    return p
+
+
+def _nbd_server_arguments(text: str) -> dict[str, Any]:
+    opts = s.check(_NBD_SERVER_OPTS, s.coerce(_NBD_SERVER_OPTS, s.parse_keyval(text)))
+    addr = opts.pop("addr")
+    kind = addr.pop("type")
+    opts["addr"] = {"type": kind, "data": addr}
+    return opts
+
+
+async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
+    """Run the start-up options as QMP commands; ``DaemonUsageError`` on failure."""
+    steps: list[tuple[str, str, Any]] = []
+    steps += [("--blockdev", text, lambda t: s.coerce(BLOCKDEV_ADD, s.parse_keyval(t)))
+              for text in ns.blockdev]
+    if ns.nbd_server:
+        steps.append(("--nbd-server", ns.nbd_server, _nbd_server_arguments))
+    steps += [("--export", text, lambda t: s.coerce(BLOCK_EXPORT_ADD, s.parse_keyval(t)))
+              for text in ns.export]
+    commands = {"--blockdev": "blockdev-add", "--nbd-server": "nbd-server-start",
+                "--export": "block-export-add"}
+    for option, text, convert in steps:
+        try:
+            await engine.execute(commands[option], convert(text))
+        except QMPError as err:
+            raise DaemonUsageError(f"{option} {text}: {err.desc}") from None
+
+
+async def _run(ns: argparse.Namespace) -> None:
+    engine = Engine()
+    qmp: QMPServer | None = None
+    try:
+        await _setup(engine, ns)
+        if ns.qmp:
+            qmp = QMPServer(engine, ns.qmp)
+            try:
+                await qmp.start()
+            except OSError as err:
+                raise DaemonUsageError(f"cannot listen on {ns.qmp}: "
+                                       f"{err.strerror or err}") from None
+        if ns.pid_file:
+            _write_pid_file(ns.pid_file)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, engine.quit_requested.set)
+        await engine.quit_requested.wait()
+    finally:
+        if qmp is not None:
+            qmp.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        await engine.close()
+        if qmp is not None:
+            await qmp.close()
+        if ns.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(ns.pid_file)
+
+
+def _write_pid_file(path: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pynbd daemon``."""
+    try:
+        ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        if not (ns.qmp or ns.export):
+            raise DaemonUsageError("nothing to do: give --qmp PATH and/or --export")
+        logging.basicConfig(level=logging.DEBUG if ns.verbose > 1 else logging.INFO
+                            if ns.verbose else logging.WARNING,
+                            format="pynbd daemon: %(message)s")
+        asyncio.run(_run(ns))
+    except DaemonUsageError as err:
+        print(f"pynbd daemon: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

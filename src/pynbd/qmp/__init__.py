@@ -1,0 +1,8 @@
+"""QMP management for the daemon: a sans-IO session, a schema, an engine, a socket."""
+
+from __future__ import annotations
+
+from .engine import Engine
+from .protocol import QMPError, QMPSession
+
+__all__ = ["Engine", "QMPError", "QMPSession"]

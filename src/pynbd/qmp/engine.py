@@ -1,0 +1,451 @@
+"""The daemon's state and the QMP commands that change it.
+
+Rules of this module:
+- Block nodes own backends; exports borrow them.  Several exports of one node
+  share its one backend object, so the multi-conn promise holds across them.
+- One NBD server at a time (``nbd-server-start`` / ``nbd-server-stop``); its
+  connection limit counts every client of every export, and decides
+  CAN_MULTI_CONN for every export (advertised unless the limit is 1).
+- Every command validates its arguments against its schema first; errors are
+  ``QMPError`` with qemu's class and wording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..backends import FileBackend, MemoryBackend, OffsetBackend
+from ..server import Export, ExportTable, Server
+from . import schema as s
+from .protocol import QMPError, generic_error
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+
+log = logging.getLogger("pynbd.qmp")
+
+JSON = Any
+EventSink = Callable[[str, dict[str, JSON]], None]
+
+#: qemu release whose QMP behaviour we follow (reported by query-version)
+QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
+#: the daemon's default connection limit (qemu 9.1+ and our reliability issue)
+DEFAULT_MAX_CONNECTIONS = 0
+
+
+@dataclasses.dataclass
+class Node:
+    """A block node: a named backend, possibly layered over another node."""
+
+    name: str
+    driver: str
+    backend: Backend
+    read_only: bool
+    filename: str = ""
+    child: Node | None = None
+
+
+@dataclasses.dataclass
+class ExportEntry:
+    """A block export added with ``block-export-add``."""
+
+    id: str
+    node: Node
+    export: Export
+    shutting_down: bool = False
+
+
+@dataclasses.dataclass
+class NbdServer:
+    server: Server
+    sock: socket.socket
+    unix_path: str | None
+
+
+# -- schemas ---------------------------------------------------------------------
+
+_FILE = s.Struct({"filename": str, "discard": s.Enum(("ignore", "unmap")),
+                  "cache": s.Struct({"direct": bool, "no-flush": bool},
+                                    frozenset({"direct", "no-flush"})),
+                  "aio": s.Enum(("threads", "native", "io_uring"))},
+                 frozenset({"discard", "cache", "aio"}))
+_RAW = s.Struct({"file": object, "offset": int, "size": int, "discard": s.Enum(
+    ("ignore", "unmap"))}, frozenset({"offset", "size", "discard"}))
+_MEMORY = s.Struct({"size": int})
+_COMMON = {"node-name": str, "read-only": bool}
+
+
+def _node_variant(extra: s.Struct) -> s.Struct:
+    return s.Struct({**_COMMON, **extra.members}, frozenset({"read-only"}) | extra.optional)
+
+
+BLOCKDEV_ADD = s.Union_("driver", {
+    "file": _node_variant(_FILE),
+    "raw": _node_variant(_RAW),
+    "memory": _node_variant(_MEMORY),
+})
+_INET = s.Struct({"host": str, "port": str, "ipv4": bool, "ipv6": bool},
+                 frozenset({"ipv4", "ipv6"}))
+_UNIX = s.Struct({"path": str})
+SOCKET_ADDRESS_LEGACY = s.Union_("type", {
+    "unix": s.Struct({"data": _UNIX}),
+    "inet": s.Struct({"data": _INET}),
+})
+NBD_SERVER_START = s.Struct(
+    {"addr": SOCKET_ADDRESS_LEGACY, "max-connections": int, "tls-creds": str,
+     "tls-authz": str, "handshake-max-seconds": int},
+    frozenset({"max-connections", "tls-creds", "tls-authz", "handshake-max-seconds"}))
+BLOCK_EXPORT_ADD = s.Struct(
+    {"type": s.Enum(("nbd",)), "id": str, "node-name": str, "name": str,
+     "description": str, "writable": bool, "writethrough": bool},
+    frozenset({"name", "description", "writable", "writethrough"}))
+BLOCK_EXPORT_DEL = s.Struct({"id": str, "mode": s.Enum(("safe", "hard"))},
+                            frozenset({"mode"}))
+NO_ARGS = s.Struct({})
+NODE_NAME = s.Struct({"node-name": str})
+
+
+Handler = Callable[["Engine", dict[str, JSON]], Awaitable[JSON]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    schema: s.Struct | s.Union_
+    handler: Handler
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, schema: s.Struct | s.Union_) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = Command(schema, handler)
+        return handler
+    return register
+
+
+class Engine:
+    """Nodes, the NBD server and its exports, driven by QMP commands."""
+
+    def __init__(self, emit: EventSink | None = None) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.exports: dict[str, ExportEntry] = {}
+        self.table = ExportTable()
+        self.nbd: NbdServer | None = None
+        self._emit = emit or (lambda name, data: None)
+        self.quit_requested = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def set_event_sink(self, emit: EventSink) -> None:
+        self._emit = emit
+
+    async def execute(self, name: str, arguments: dict[str, JSON]) -> JSON:
+        """Run one command; raise ``QMPError`` on failure."""
+        cmd = COMMANDS.get(name)
+        if cmd is None:
+            raise QMPError("CommandNotFound", f"The command {name} has not been found")
+        args = s.check(cmd.schema, arguments)
+        return await cmd.handler(self, args)
+
+    async def close(self) -> None:
+        """Stop the NBD server and close every node (daemon exit)."""
+        if self.nbd is not None:
+            await self._stop_nbd()
+        for task in list(self._background):
+            await task
+        for node in list(self.nodes.values()):
+            if node.backend.capabilities.can_write and not node.read_only:
+                try:
+                    await node.backend.flush()
+                except OSError as err:
+                    log.error("flush of node %s failed: %s", node.name, err)
+        closed: set[int] = set()
+        for node in self.nodes.values():
+            if id(node.backend) not in closed:
+                closed.add(id(node.backend))
+                await node.backend.close()
+        self.nodes.clear()
+
+    # -- helpers --------------------------------------------------------------
+
+    def node(self, name: str) -> Node:
+        node = self.nodes.get(name)
+        if node is None:
+            raise generic_error(f"Cannot find device={name} nor node-name={name}")
+        return node
+
+    def _users(self, node: Node) -> list[str]:
+        users = [f"block export '{e.id}'" for e in self.exports.values() if e.node is node]
+        users += [f"node '{n.name}'" for n in self.nodes.values() if n.child is node]
+        return users
+
+    async def _stop_nbd(self) -> None:
+        assert self.nbd is not None
+        nbd, self.nbd = self.nbd, None
+        for entry in list(self.exports.values()):
+            entry.shutting_down = True
+        await nbd.server.close()
+        nbd.sock.close()
+        if nbd.unix_path:
+            with contextlib.suppress(OSError):
+                os.unlink(nbd.unix_path)
+        for entry in list(self.exports.values()):
+            self._forget_export(entry)
+
+    def _forget_export(self, entry: ExportEntry) -> None:
+        self.exports.pop(entry.id, None)
+        if self.table.lookup(entry.export.name) is entry.export:
+            self.table.remove(entry.export.name)
+        self._emit("BLOCK_EXPORT_DELETED", {"id": entry.id})
+
+
+# -- commands ------------------------------------------------------------------------
+
+@command("qmp_capabilities", s.Struct({"enable": s.ListOf(s.Enum(("oob",)))},
+                                      frozenset({"enable"})))
+async def _qmp_capabilities(engine: Engine, args: dict[str, JSON]) -> JSON:
+    if args.get("enable"):
+        raise generic_error("This monitor does not support out-of-band execution")
+    return {}
+
+
+@command("query-version", NO_ARGS)
+async def _query_version(engine: Engine, args: dict[str, JSON]) -> JSON:
+    return {"qemu": dict(QEMU_VERSION), "package": f"pynbd {__version__}"}
+
+
+@command("query-commands", NO_ARGS)
+async def _query_commands(engine: Engine, args: dict[str, JSON]) -> JSON:
+    return [{"name": name} for name in sorted(COMMANDS)]
+
+
+@command("quit", NO_ARGS)
+async def _quit(engine: Engine, args: dict[str, JSON]) -> JSON:
+    engine.quit_requested.set()
+    return {}
+
+
+@command("blockdev-add", BLOCKDEV_ADD)
+async def _blockdev_add(engine: Engine, args: dict[str, JSON]) -> JSON:
+    await _add_node(engine, args)
+    return {}
+
+
+async def _add_node(engine: Engine, args: dict[str, JSON]) -> Node:
+    """Create a node from checked blockdev-add arguments."""
+    name = args["node-name"]
+    if not name or name in engine.nodes:
+        raise generic_error(f"Duplicate nodes with node-name='{name}'" if name
+                            else "Parameter 'node-name' must not be empty")
+    read_only = bool(args.get("read-only", False))
+    driver = args["driver"]
+    node: Node
+    if driver == "file":
+        try:
+            backend: Backend = FileBackend(args["filename"], read_only=read_only,
+                                           discard=args.get("discard") == "unmap")
+        except OSError as err:
+            raise generic_error(f"Could not open '{args['filename']}': "
+                                f"{err.strerror or err}") from None
+        node = Node(name, "file", backend, read_only, filename=args["filename"])
+    elif driver == "memory":
+        if args["size"] < 0:
+            raise generic_error("Parameter 'size' must not be negative")
+        node = Node(name, "memory", MemoryBackend(args["size"]), read_only)
+    else:
+        node = await _raw_node(engine, name, args, read_only)
+    engine.nodes[name] = node
+    return node
+
+
+async def _raw_node(engine: Engine, name: str, args: dict[str, JSON],
+                    read_only: bool) -> Node:
+    child_spec = args["file"]
+    if isinstance(child_spec, str):
+        child = engine.node(child_spec)
+    elif isinstance(child_spec, dict):
+        child = await _add_node(engine, s.check(BLOCKDEV_ADD, child_spec, "file"))
+    else:
+        raise generic_error("Invalid parameter type for 'file', expected: object or string")
+    if child.read_only and not read_only:
+        raise generic_error(f"Node '{child.name}' is read-only; add the raw node with "
+                            "'read-only': true")
+    backend: Backend = child.backend
+    if "offset" in args or "size" in args:
+        try:
+            backend = OffsetBackend(backend, args.get("offset", 0), args.get("size"))
+        except ValueError as err:
+            raise generic_error(str(err)) from None
+    return Node(name, "raw", backend, read_only, filename=child.filename, child=child)
+
+
+@command("blockdev-del", NODE_NAME)
+async def _blockdev_del(engine: Engine, args: dict[str, JSON]) -> JSON:
+    name = args["node-name"]
+    node = engine.nodes.get(name)
+    if node is None:
+        raise generic_error(f"Failed to find node with node-name='{name}'")
+    users = engine._users(node)
+    if users:
+        raise generic_error(f"Node '{name}' is busy: in use by {', '.join(users)}")
+    del engine.nodes[name]
+    if node.child is None:
+        await node.backend.close()
+    return {}
+
+
+@command("query-named-block-nodes", s.Struct({"flat": bool}, frozenset({"flat"})))
+async def _query_named_block_nodes(engine: Engine, args: dict[str, JSON]) -> JSON:
+    return [{"node-name": n.name, "drv": n.driver, "ro": n.read_only, "file": n.filename,
+             "image": {"virtual-size": n.backend.size, "filename": n.filename,
+                       "format": n.driver}}
+            for n in engine.nodes.values()]
+
+
+@command("nbd-server-start", NBD_SERVER_START)
+async def _nbd_server_start(engine: Engine, args: dict[str, JSON]) -> JSON:
+    if engine.nbd is not None:
+        raise generic_error("NBD server already running")
+    if "tls-creds" in args or "tls-authz" in args:
+        raise generic_error("TLS is not supported by this pynbd version")
+    limit = args.get("max-connections", DEFAULT_MAX_CONNECTIONS)
+    if limit < 0:
+        raise generic_error("Parameter 'max-connections' expects a value of 0 or more")
+    handshake = args.get("handshake-max-seconds", 10)
+    if handshake < 0:
+        raise generic_error("Parameter 'handshake-max-seconds' expects a value of 0 or more")
+    sock, unix_path = _listen(args["addr"])
+    server = Server(engine.table, max_connections=limit, persistent=True,
+                    handshake_limit=float(handshake))
+    try:
+        await server.start([sock])
+    except OSError as err:
+        sock.close()
+        raise generic_error(f"Failed to start NBD server: {err}") from None
+    engine.nbd = NbdServer(server, sock, unix_path)
+    return {}
+
+
+def _listen(addr: dict[str, JSON]) -> tuple[socket.socket, str | None]:
+    data = addr["data"]
+    try:
+        if addr["type"] == "unix":
+            path = data["path"]
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+            except OSError:
+                sock.close()
+                raise
+            unix_path: str | None = path
+        else:
+            infos = socket.getaddrinfo(data["host"], data["port"], type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError:
+                sock.close()
+                raise
+            unix_path = None
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except (OSError, ValueError) as err:
+        where = data.get("path") or f"{data.get('host')}:{data.get('port')}"
+        raise generic_error(f"Failed to bind socket to {where}: "
+                            f"{getattr(err, 'strerror', None) or err}") from None
+    return sock, unix_path
+
+
+@command("nbd-server-stop", NO_ARGS)
+async def _nbd_server_stop(engine: Engine, args: dict[str, JSON]) -> JSON:
+    if engine.nbd is None:
+        raise generic_error("NBD server not running")
+    await engine._stop_nbd()
+    return {}
+
+
+@command("block-export-add", BLOCK_EXPORT_ADD)
+async def _block_export_add(engine: Engine, args: dict[str, JSON]) -> JSON:
+    if engine.nbd is None:
+        raise generic_error("NBD server not running")
+    export_id = args["id"]
+    if export_id in engine.exports:
+        raise generic_error(f"Block export id '{export_id}' is already in use")
+    node = engine.node(args["node-name"])
+    name = args.get("name", node.name)
+    if engine.table.lookup(name) is not None:
+        raise generic_error(f"NBD server already has export named '{name}'")
+    writable = bool(args.get("writable", False))
+    if writable and (node.read_only or not node.backend.capabilities.can_write):
+        raise generic_error("Cannot export read-only node as writable")
+    try:
+        export = Export(name, node.backend, description=args.get("description", ""),
+                        read_only=not writable,
+                        multi_conn=engine.nbd.server.multi_conn)
+    except ValueError as err:
+        raise generic_error(str(err)) from None
+    engine.table.add(export)
+    engine.exports[export_id] = ExportEntry(export_id, node, export)
+    return {}
+
+
+@command("block-export-del", BLOCK_EXPORT_DEL)
+async def _block_export_del(engine: Engine, args: dict[str, JSON]) -> JSON:
+    entry = engine.exports.get(args["id"])
+    if entry is None:
+        raise generic_error(f"Export '{args['id']}' is not found")
+    if entry.shutting_down:
+        raise generic_error(f"Export '{entry.id}' is already shutting down")
+    if args.get("mode", "safe") == "safe" and entry.export.clients:
+        raise generic_error(f"export '{entry.id}' still in use")
+    entry.shutting_down = True
+    # hide it from new clients now; the deletion event follows once clients are gone
+    if engine.table.lookup(entry.export.name) is entry.export:
+        engine.table.remove(entry.export.name)
+    task = asyncio.create_task(_finish_export_del(engine, entry))
+    engine._background.add(task)
+    task.add_done_callback(engine._background.discard)
+    return {}
+
+
+async def _finish_export_del(engine: Engine, entry: ExportEntry) -> None:
+    if engine.nbd is not None:
+        await engine.nbd.server.drop_clients(entry.export)
+    engine._forget_export(entry)
+
+
+@command("query-block-exports", NO_ARGS)
+async def _query_block_exports(engine: Engine, args: dict[str, JSON]) -> JSON:
+    return [{"id": e.id, "type": "nbd", "node-name": e.node.name,
+             "shutting-down": e.shutting_down} for e in engine.exports.values()]
+
+
+@command("x-query-nbd-clients", NO_ARGS)
+async def _query_nbd_clients(engine: Engine, args: dict[str, JSON]) -> JSON:
+    if engine.nbd is None:
+        return []
+    ids = {id(e.export): e.id for e in engine.exports.values()}
+    out = []
+    for conn in engine.nbd.server.connections:
+        export = conn.export
+        out.append({
+            "export": export.name if export else None,
+            "id": ids.get(id(export)) if export else None,
+            "address": conn.peer,
+            "negotiated": export is not None,
+            "requests": conn.stats.requests,
+            "bytes-read": conn.stats.bytes_read,
+            "bytes-written": conn.stats.bytes_written,
+        })
+    return out
