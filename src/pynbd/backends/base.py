@@ -124,6 +124,24 @@ class Backend(abc.ABC):
         past the end of the backend.
         """
 
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        """Fill ``buf`` at once if that cannot block (e.g. a page-cache hit).
+
+        Returns False, possibly after filling part of ``buf``, when the caller
+        must use ``pread`` instead.  The server uses this to answer cheap
+        reads without a task or a thread hop; the default never tries.
+        """
+        return False
+
+    def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
+        """Write ``data`` at once if that cannot block; False: use ``pwrite``.
+
+        Returning False must leave the store as if nothing happened, or with
+        a prefix of ``data`` written (``pwrite`` then writes it all again).
+        Never used for FUA writes.
+        """
+        return False
+
     async def cache(self, offset: int, length: int) -> None:  # noqa: B027 - optional hook
         """Prefetch the range (advisory); the default does nothing."""
 

@@ -176,6 +176,18 @@ class FileBackend(Backend):
         if done < len(view):
             await _in_pool(functools.partial(self._pread_all, view[done:], offset + done))
 
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        view = _as_bytes(buf)
+        if len(view) > INLINE_MAX or _Feature.NOWAIT_READ in self._unsupported:
+            return False
+        return self._nowait(os.preadv, _Feature.NOWAIT_READ, view, offset) == len(view)
+
+    def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
+        view = _as_bytes(data)
+        if len(view) > INLINE_MAX or _Feature.NOWAIT_WRITE in self._unsupported:
+            return False
+        return self._nowait(os.pwritev, _Feature.NOWAIT_WRITE, view, offset) == len(view)
+
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         view = _as_bytes(data)

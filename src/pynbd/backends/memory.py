@@ -67,6 +67,9 @@ class MemoryBackend(Backend):
     # -- I/O -------------------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int) -> None:
+        self.pread_nowait(buf, offset)
+
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         out = buf.cast("B") if buf.format != "B" else buf
         pos = 0
         for index, start, count in self._spans(offset, len(out)):
@@ -76,15 +79,20 @@ class MemoryBackend(Backend):
             else:
                 out[pos:pos + count] = memoryview(chunk)[start:start + count]
             pos += count
+        return True
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
+        self.pwrite_nowait(data, offset)
+
+    def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
         src = memoryview(data).cast("B")
         pos = 0
         for index, start, count in self._spans(offset, len(src)):
             chunk = self._chunk_for_write(index)
             memoryview(chunk)[start:start + count] = src[pos:pos + count]
             pos += count
+        return True
 
     async def flush(self) -> None:
         return None

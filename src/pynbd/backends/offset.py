@@ -47,6 +47,12 @@ class OffsetBackend(Backend):
                      fua: bool = False) -> None:
         await self.inner.pwrite(data, self.offset + offset, fua=fua)
 
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        return self.inner.pread_nowait(buf, self.offset + offset)
+
+    def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
+        return self.inner.pwrite_nowait(data, self.offset + offset)
+
     async def flush(self) -> None:
         await self.inner.flush()
 

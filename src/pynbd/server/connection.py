@@ -1,11 +1,17 @@
-"""One client connection: drives the protocol cores over an asyncio stream.
+"""One client connection: an ``asyncio.Protocol`` that drives the protocol cores.
 
 Rules of this module:
 - Protocol decisions live in ``pynbd.proto``; this module only moves bytes,
   calls the backend and writes the replies the core builds.
-- Requests run concurrently (at most ``MAX_IN_FLIGHT`` per connection; reading
-  pauses while that many are outstanding).  Each reply is written with one
-  ``writelines`` call, so replies never interleave.
+- Every request parsed from a received chunk is handled before the next
+  chunk is read.  Cheap requests (a READ the backend can serve without
+  blocking, a plain WRITE the backend can take without blocking) are answered
+  inline with no task at all; every other request runs as a task.  Replies
+  produced while handling one chunk leave in one write.
+- At most ``MAX_IN_FLIGHT`` tasks per connection; reading pauses while that
+  many are outstanding, and while the socket's send buffer is full.
+- Each reply is written whole with one ``transport.write``, so replies never
+  interleave; they may leave in any order.
 - A failing request becomes an error reply; it never ends the connection.
   Only ``ProtocolError`` does.
 - On disconnect or shutdown, requests already in flight finish and get their
@@ -15,16 +21,16 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from pynbd.backends.base import ExtentFlags
-from pynbd.proto.constants import Cmd, CmdFlag, Errno
-from pynbd.proto.errors import ProtocolError, nbd_errno
-from pynbd.proto.events import (
+from ..backends.base import ExtentFlags
+from ..proto.constants import Cmd, CmdFlag, Errno
+from ..proto.errors import ProtocolError, nbd_errno
+from ..proto.events import (
     NEED_DATA,
     Disconnect,
     HandshakeClosed,
@@ -32,8 +38,8 @@ from pynbd.proto.events import (
     InvalidRequest,
     Request,
 )
-from pynbd.proto.handshake import ServerHandshake
-from pynbd.proto.transmission import Buffer, ServerTransmission
+from ..proto.handshake import ServerHandshake
+from ..proto.transmission import Buffer, ServerTransmission
 
 if TYPE_CHECKING:
     from .export import Export
@@ -41,12 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pynbd.connection")
 
-#: requests one connection may have outstanding before we stop reading
+#: requests one connection may have running as tasks before we stop reading
 MAX_IN_FLIGHT = 64
-#: reads at least this large look for holes to send as OFFSET_HOLE chunks
+#: structured reads at least this large look for holes to send as OFFSET_HOLE
 SPARSE_READ_MIN = 64 * 1024
-#: how much we ask the stream for at once
-READ_CHUNK = 256 * 1024
 
 Handler = Callable[[Request], Awaitable[list[Buffer]]]
 
@@ -60,22 +64,27 @@ class ConnectionStats:
     bytes_written: int = 0
 
 
-class Connection:
+class Connection(asyncio.Protocol):
     """Serves one accepted client until it leaves or the server stops."""
 
-    def __init__(self, server: Server, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.peer = peer
+        self.peer = "unknown"
         self.export: Export | None = None
-        #: the task serving this connection (set by the server)
-        self.task: asyncio.Task[None] | None = None
         self.stats = ConnectionStats()
+        self.refusal: str | None = None
+        self._transport: asyncio.Transport | None = None
+        self._handshake: ServerHandshake | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._core: ServerTransmission | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        #: reading stopped: too many tasks, a full send buffer, or closing
+        self._paused_for_tasks = False
+        self._paused_for_writes = False
+        #: no more requests will be read (DISC, shutdown or protocol error)
+        self._closing = False
+        self._lost = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._handlers: dict[Cmd, Handler] = {
             Cmd.READ: self._do_read,
             Cmd.WRITE: self._do_write,
@@ -86,98 +95,192 @@ class Connection:
             Cmd.BLOCK_STATUS: self._do_block_status,
         }
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- asyncio.Protocol ------------------------------------------------------
 
-    async def run(self, refusal: str | None) -> None:
-        """Negotiate, then serve requests; always closes the stream."""
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = _describe_peer(transport.get_extra_info("peername"))
+        self.refusal = self.server.admit(self)
+        log.info("%s: connected%s", self.peer,
+                 f" (refused: {self.refusal})" if self.refusal else "")
+        self._handshake = ServerHandshake(self.server.exports, refusal=self.refusal)
+        transport.write(self._handshake.data_to_send())
+        limit = self.server.handshake_limit
+        if limit:
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                limit, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
         try:
-            done = await self._handshake(refusal)
-            if done is not None:
-                await self._transmission(done)
+            if self._core is not None:
+                self._core.receive_data(data)
+                self._process()
+            elif self._handshake is not None:
+                self._handshake.receive_data(data)
+                self._negotiate()
         except ProtocolError as err:
             log.info("%s: protocol error: %s", self.peer, err)
-        except (ConnectionError, TimeoutError) as err:
-            log.info("%s: connection lost: %s", self.peer, err)
-        finally:
-            await self._close()
+            self._abort()
 
-    async def _close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.wait_closed()
+    def eof_received(self) -> bool | None:
+        self._stop_reading()
+        self._maybe_close()
+        return True  # keep the transport open until in-flight replies are sent
 
-    # -- handshake -------------------------------------------------------------------
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closing = True
+        self._cancel_handshake_timer()
+        if self._core is not None:
+            self._core = None
+            self.server.client_finished(self)
+        self.server.connection_gone(self)
+        log.info("%s: disconnected%s", self.peer, f" ({exc})" if exc else "")
+        if not self._tasks and not self.closed.done():
+            self.closed.set_result(None)
 
-    async def _handshake(self, refusal: str | None) -> HandshakeDone | None:
-        core = ServerHandshake(self.server.exports, refusal=refusal)
-        limit = self.server.handshake_limit or None
-        async with asyncio.timeout(limit):
-            while True:
-                event = core.next_event()
-                # replies to the options just processed go out before we wait
-                self.writer.write(core.data_to_send())
-                if event is NEED_DATA:
-                    await self.writer.drain()
-                    data = await self.reader.read(READ_CHUNK)
-                    if not data:
-                        return None
-                    core.receive_data(data)
-                    continue
-                await self.writer.drain()
-                if isinstance(event, HandshakeClosed):
-                    log.info("%s: %s", self.peer, event.reason)
-                    return None
-                if isinstance(event, HandshakeDone):
-                    return event
-                raise ProtocolError(f"unexpected handshake event {event!r}")
+    def pause_writing(self) -> None:
+        self._paused_for_writes = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_for_writes = False
+        self._update_reading()
+
+    # -- control from the server -------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop reading; close once the requests in flight have replied."""
+        self._stop_reading()
+        self._maybe_close()
+
+    # -- handshake ------------------------------------------------------------------
+
+    def _negotiate(self) -> None:
+        core = self._handshake
+        assert core is not None
+        assert self._transport is not None
+        event = core.next_event()
+        self._transport.write(core.data_to_send())
+        if event is NEED_DATA:
+            return
+        self._handshake = None
+        self._cancel_handshake_timer()
+        if isinstance(event, HandshakeClosed):
+            log.info("%s: %s", self.peer, event.reason)
+            self._transport.close()
+        elif isinstance(event, HandshakeDone):
+            self._start_transmission(event)
+        else:
+            raise ProtocolError(f"unexpected handshake event {event!r}")
+
+    def _handshake_expired(self) -> None:
+        log.info("%s: did not negotiate within %s s", self.peer, self.server.handshake_limit)
+        self._abort()
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     # -- transmission ----------------------------------------------------------------
 
-    async def _transmission(self, done: HandshakeDone) -> None:
+    def _start_transmission(self, done: HandshakeDone) -> None:
+        assert self._transport is not None
         export = self.server.exports.lookup(done.negotiated.export.name)
-        if export is None:  # removed between GO and now
+        if export is None or self._closing:  # removed between GO and now
+            self._transport.close()
             return
         self.export = export
-        core = self._core = ServerTransmission(done.negotiated)
-        core.receive_data(done.trailing)
+        self._core = ServerTransmission(done.negotiated)
         self.server.client_started(self)
-        try:
-            await self._serve_requests(core)
-        finally:
-            self.server.client_finished(self)
+        self._core.receive_data(done.trailing)
+        self._process()
 
-    async def _serve_requests(self, core: ServerTransmission) -> None:
-        while True:
-            try:
+    def _process(self) -> None:
+        """Handle every complete request received so far (until reading pauses)."""
+        core = self._core
+        transport = self._transport
+        assert core is not None
+        assert transport is not None
+        out: list[Buffer] = []
+        try:
+            while not (self._closing or self._paused_for_tasks):
                 event = core.next_event()
-            except ProtocolError as err:
-                if err.cookie is not None:
-                    self._send(core.reply_error(err.cookie, err.errno, err.message))
-                raise
-            if event is NEED_DATA:
-                data = await self.reader.read(max(READ_CHUNK, core.bytes_wanted))
-                if not data:
-                    return
-                core.receive_data(data)
-            elif isinstance(event, Request):
-                await self._slots.acquire()
-                task = asyncio.create_task(self._serve(core, event))
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
-            elif isinstance(event, InvalidRequest):
-                self._send(core.reply_error(event.cookie, event.errno, event.message))
-            elif isinstance(event, Disconnect):
-                return
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Request):
+                    if not self._try_inline(core, event, out):
+                        self._spawn(core, event)
+                elif isinstance(event, InvalidRequest):
+                    out += core.reply_error(event.cookie, event.errno, event.message)
+                elif isinstance(event, Disconnect):
+                    self._stop_reading()
+        except ProtocolError as err:
+            if err.cookie is not None:
+                out += core.reply_error(err.cookie, err.errno, err.message)
+            raise
+        finally:
+            if out and not transport.is_closing():
+                transport.write(b"".join(out))
+        self._maybe_close()
+
+    def _try_inline(self, core: ServerTransmission, request: Request,
+                    out: list[Buffer]) -> bool:
+        """Answer a cheap READ or WRITE now, without a task; False if it is not cheap."""
+        assert self.export is not None
+        backend = self.export.backend
+        if request.cmd == Cmd.READ:
+            if (core.negotiated.structured and request.length >= SPARSE_READ_MIN
+                    and backend.capabilities.can_extents
+                    and not request.flags & CmdFlag.DF):
+                return False
+            buf = bytearray(request.length)
+            try:
+                if not backend.pread_nowait(memoryview(buf), request.offset):
+                    return False
+            except OSError:
+                return False  # the task path retries and reports the error
+            out += core.reply_read(request.cookie, request.offset, buf)
+            self.stats.bytes_read += request.length
+        elif request.cmd == Cmd.WRITE and not request.flags & CmdFlag.FUA:
+            assert request.payload is not None
+            try:
+                if not backend.pwrite_nowait(request.payload, request.offset):
+                    return False
+            except OSError:
+                return False
+            out += core.reply_ok(request.cookie)
+            self.stats.bytes_written += request.length
+        else:
+            return False
+        self.stats.requests += 1
+        return True
+
+    def _spawn(self, core: ServerTransmission, request: Request) -> None:
+        task = asyncio.ensure_future(self._serve(core, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self._tasks) >= MAX_IN_FLIGHT:
+            self._paused_for_tasks = True
+            self._update_reading()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
-
-    def _send(self, buffers: list[Buffer]) -> None:
-        if not self.writer.is_closing():
-            self.writer.writelines(buffers)
+        if self._paused_for_tasks and len(self._tasks) < MAX_IN_FLIGHT // 2:
+            self._paused_for_tasks = False
+            self._update_reading()
+            if self._core is not None and not self._closing:
+                try:
+                    self._process()
+                except ProtocolError as err:
+                    log.info("%s: protocol error: %s", self.peer, err)
+                    self._abort()
+        self._maybe_close()
 
     async def _serve(self, core: ServerTransmission, request: Request) -> None:
         stats = self.stats
@@ -194,11 +297,40 @@ class Connection:
         except Exception as err:  # a backend bug must not kill the connection
             log.exception("%s: request %s failed", self.peer, request.cmd.name)
             reply = core.reply_error(request.cookie, Errno.EIO, str(err))
-        self._send(reply)
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(reply))
 
-    # -- command handlers ------------------------------------------------------------
+    # -- reading and closing ------------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._closing or self._paused_for_tasks or self._paused_for_writes:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _stop_reading(self) -> None:
+        self._closing = True
+        self._update_reading()
+
+    def _maybe_close(self) -> None:
+        """Close once no more requests will come and none is in flight."""
+        if self._closing and not self._tasks and self._transport is not None:
+            if not self._transport.is_closing():
+                self._transport.close()
+            if self._lost and not self.closed.done():
+                self.closed.set_result(None)
+
+    def _abort(self) -> None:
+        """Hard disconnect: nothing more is read; what was queued is still sent."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- command handlers ---------------------------------------------------------------
 
     @property
     def _backend_core(self) -> tuple[Export, ServerTransmission]:
@@ -295,3 +427,9 @@ def _reply_errno(request: Request, err: int | None) -> Errno:
                                          and request.flags & CmdFlag.DF):
         return Errno.EINVAL
     return errno
+
+
+def _describe_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "unix-client"

@@ -45,8 +45,10 @@ class Server:
         self.max_connections = max_connections
         self.persistent = persistent
         self.handshake_limit = handshake_limit
+        #: admitted connections (they count against ``max_connections``)
         self.connections: set[Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: every open connection, refused ones included
+        self._all: set[Connection] = set()
         self._servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
         self._negotiated = 0
@@ -58,12 +60,12 @@ class Server:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         """Start accepting on already bound and listening sockets."""
+        loop = asyncio.get_running_loop()
         for sock in sockets:
             if sock.family == socket.AF_UNIX:
-                server = await asyncio.start_unix_server(
-                    self._accept, sock=sock, limit=1 << 20)
+                server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
             else:
-                server = await asyncio.start_server(self._accept, sock=sock, limit=1 << 20)
+                server = await loop.create_server(lambda: Connection(self), sock=sock)
             self._servers.append(server)
 
     async def serve_until_stopped(self) -> None:
@@ -91,32 +93,20 @@ class Server:
 
     # -- connections ------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = _describe_peer(writer.get_extra_info("peername"))
-        refusal = None
+    def admit(self, conn: Connection) -> str | None:
+        """Called by each new connection: ``None`` to serve it, or why it is refused."""
+        self._all.add(conn)
         if self._stop.is_set():
-            refusal = "server is shutting down"
-        elif self.max_connections and len(self.connections) >= self.max_connections:
-            refusal = (f"server connection limit reached ({self.max_connections} "
-                       "simultaneous clients)")
-        conn = Connection(self, reader, writer, peer)
-        if refusal is None:
-            self.connections.add(conn)
-        log.info("%s: connected%s", peer, f" (refused: {refusal})" if refusal else "")
-        task = conn.task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await conn.run(refusal)
-        finally:
-            self.connections.discard(conn)
-            if task is not None:
-                self._tasks.discard(task)
-            log.info("%s: disconnected", peer)
+            return "server is shutting down"
+        if self.max_connections and len(self.connections) >= self.max_connections:
+            return (f"server connection limit reached ({self.max_connections} "
+                    "simultaneous clients)")
+        self.connections.add(conn)
+        return None
+
+    def connection_gone(self, conn: Connection) -> None:
+        self._all.discard(conn)
+        self.connections.discard(conn)
 
     def client_started(self, conn: Connection) -> None:
         """A connection finished negotiating and entered transmission."""
@@ -138,7 +128,7 @@ class Server:
         self._stop.set()
         for server in self._servers:
             server.close()
-        await self._end_connections(set(self._tasks))
+        await self._end_connections(set(self._all))
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
@@ -146,17 +136,12 @@ class Server:
 
     async def drop_clients(self, export: Export) -> None:
         """End every connection using ``export`` (QMP ``block-export-del`` hard mode)."""
-        await self._end_connections({conn.task for conn in self.connections
-                                     if conn.export is export and conn.task is not None})
+        await self._end_connections({c for c in self._all if c.export is export})
 
-    async def _end_connections(self, tasks: set[asyncio.Task[None]]) -> None:
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+    async def _end_connections(self, conns: set[Connection]) -> None:
+        for conn in conns:
+            conn.shutdown()
+        if conns:
+            await asyncio.wait([conn.closed for conn in conns], timeout=SHUTDOWN_GRACE)
 
 
-def _describe_peer(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return "unix-client"

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -57,8 +58,10 @@ settings.register_profile("pynbd-proto", max_examples=300, deadline=None,
                           suppress_health_check=_HEALTH)
 settings.register_profile("fuzz", max_examples=20_000, deadline=None,
                           suppress_health_check=_HEALTH)
-PROFILE = settings.get_profile(
-    "fuzz" if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else "pynbd-proto")
+FUZZING = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+PROFILE = settings.get_profile("fuzz" if FUZZING else "pynbd-proto")
+if FUZZING:  # a long run: each test may take minutes
+    pytestmark = pytest.mark.timeout(3600)
 
 #: no input is fed in more pieces than this; the rest goes in one piece
 MAX_PIECES = 300
