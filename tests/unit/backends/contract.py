@@ -211,6 +211,19 @@ class BackendContract:
 
         run(body())
 
+    def test_nowait_fast_path(self, backend: Backend) -> None:
+        """pread_nowait/pwrite_nowait either do the whole job at once or say no."""
+        data = pattern(11, 9000)
+        if backend.capabilities.can_write:
+            if not backend.pwrite_nowait(data, CHUNK - 100):
+                run(backend.pwrite(data, CHUNK - 100))
+        else:
+            data = bytes(9000)
+        buf = bytearray(9000)
+        if backend.pread_nowait(memoryview(buf), CHUNK - 100):
+            assert bytes(buf) == data
+        assert run(read(backend, CHUNK - 100, 9000)) == data
+
     def test_raw_write_is_read_back(self, backend: Backend) -> None:
         if not self.has_raw_access:
             pytest.skip("no out-of-band access to this backend's storage")
@@ -484,10 +497,27 @@ class BackendMachine(RuleBasedStateMachine):
         self.run(self.backend.pwrite(data, offset, fua=fua))
         self._set(offset, data)
 
+    @precondition(lambda self: self.backend.capabilities.can_write)
+    @rule(where=ranges(), seed=st.integers(0, 254))
+    def pwrite_nowait(self, where: tuple[int, int], seed: int) -> None:
+        """The inline fast path: done now, or refused (then the server uses pwrite)."""
+        offset, length = where
+        data = pattern(seed, length)
+        if not self.backend.pwrite_nowait(data, offset):
+            self.run(self.backend.pwrite(data, offset))
+        self._set(offset, data)
+
     @rule(where=ranges())
     def pread(self, where: tuple[int, int]) -> None:
         offset, length = where
         self.check(self.run(read(self.backend, offset, length)), offset)
+
+    @rule(where=ranges())
+    def pread_nowait(self, where: tuple[int, int]) -> None:
+        offset, length = where
+        buf = bytearray(length)
+        if self.backend.pread_nowait(memoryview(buf), offset):
+            self.check(bytes(buf), offset)
 
     @precondition(lambda self: self.backend.capabilities.can_write)
     @rule(where=ranges(), fua=st.booleans())
