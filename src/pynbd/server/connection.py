@@ -81,8 +81,10 @@ class Connection(asyncio.Protocol):
         #: reading stopped: too many tasks, a full send buffer, or closing
         self._paused_for_tasks = False
         self._paused_for_writes = False
-        #: no more requests will be read (DISC, shutdown or protocol error)
+        #: no more requests will be read (DISC, EOF, end of shutdown, protocol error)
         self._closing = False
+        #: shutdown began: new requests get ESHUTDOWN until the in-flight ones finish
+        self._shutting_down = False
         self._lost = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._handlers: dict[Cmd, Handler] = {
@@ -154,9 +156,17 @@ class Connection(asyncio.Protocol):
     # -- control from the server -------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop reading; close once the requests in flight have replied."""
-        self._stop_reading()
-        self._maybe_close()
+        """End the connection in order: requests in flight finish and reply,
+        requests that arrive meanwhile get NBD_ESHUTDOWN, then the socket closes.
+        A client still negotiating is simply disconnected."""
+        if self._core is None:
+            self._abort()
+            return
+        self._shutting_down = True
+        try:
+            self._process()
+        except ProtocolError:
+            self._abort()
 
     # -- handshake ------------------------------------------------------------------
 
@@ -214,7 +224,10 @@ class Connection(asyncio.Protocol):
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Request):
-                    if not self._try_inline(core, event, out):
+                    if self._shutting_down:
+                        out += core.reply_error(event.cookie, Errno.ESHUTDOWN,
+                                                "server is shutting down")
+                    elif not self._try_inline(core, event, out):
                         self._spawn(core, event)
                 elif isinstance(event, InvalidRequest):
                     out += core.reply_error(event.cookie, event.errno, event.message)
@@ -317,7 +330,9 @@ class Connection(asyncio.Protocol):
         self._update_reading()
 
     def _maybe_close(self) -> None:
-        """Close once no more requests will come and none is in flight."""
+        """Close once no more requests will come (or shutdown began) and none is in flight."""
+        if self._shutting_down and not self._tasks:
+            self._closing = True
         if self._closing and not self._tasks and self._transport is not None:
             if not self._transport.is_closing():
                 self._transport.close()
