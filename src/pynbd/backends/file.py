@@ -28,6 +28,7 @@ import functools
 import os
 import stat
 import struct
+import time
 from typing import TYPE_CHECKING, TypeVar
 
 from .base import Backend, Capabilities, Extent, ExtentFlags, FastZeroUnsupported
@@ -45,6 +46,14 @@ INLINE_MAX = 1 << 20
 
 #: ``block_status`` returns at most this many extents per call.
 MAX_EXTENTS = 1024
+
+#: page-aligned writes up to this size may go inline (see ``_pwrite_inline_guarded``)
+INLINE_WRITE_MAX = 64 * 1024
+#: an inline write slower than this turns inline writes off for a while
+INLINE_WRITE_SLOW_NS = 500_000
+#: how long inline writes stay off after a slow one
+INLINE_BACKOFF_NS = 1_000_000_000
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 #: One shared buffer of zeroes for the write-zeroes fallback and zero fills.
 _ZEROES = memoryview(bytes(1 << 20))
@@ -147,6 +156,8 @@ class FileBackend(Backend):
         #: the shared fd; -1 once closed
         self._fd = fd
         self._unsupported: set[_Feature] = set()
+        #: monotonic ns before which inline writes are not tried (after a slow one)
+        self._inline_writes_off_until = 0
         #: the first failed fdatasync; set once, never cleared
         self._sync_error: OSError | None = None
         writable = not read_only
@@ -184,9 +195,36 @@ class FileBackend(Backend):
 
     def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
         view = _as_bytes(data)
-        if len(view) > INLINE_MAX or _Feature.NOWAIT_WRITE in self._unsupported:
+        if len(view) > INLINE_MAX:
             return False
-        return self._nowait(os.pwritev, _Feature.NOWAIT_WRITE, view, offset) == len(view)
+        if _Feature.NOWAIT_WRITE not in self._unsupported:
+            done = self._nowait(os.pwritev, _Feature.NOWAIT_WRITE, view, offset)
+            if done == len(view) or _Feature.NOWAIT_WRITE not in self._unsupported:
+                return done == len(view)
+        return self._pwrite_inline_guarded(view, offset)
+
+    def _pwrite_inline_guarded(self, view: memoryview, offset: int) -> bool:
+        """A small whole-page write straight into the page cache, while that is fast.
+
+        Where the kernel has no ``RWF_NOWAIT`` for buffered writes (ext4),
+        page-aligned writes of at most ``INLINE_WRITE_MAX`` bytes are copied
+        into the page cache inline: whole pages need no read-modify-write, so
+        such a write normally takes microseconds.  If one ever takes longer
+        than ``INLINE_WRITE_SLOW_NS`` (dirty-page throttling, memory
+        pressure), inline writes stop for ``INLINE_BACKOFF_NS`` and everything
+        goes through the thread pool, so a stall of the event loop stays rare
+        and short.
+        """
+        if len(view) > INLINE_WRITE_MAX or (offset | len(view)) % _PAGE:
+            return False
+        start = time.monotonic_ns()
+        if start < self._inline_writes_off_until:
+            return False
+        written = os.pwrite(self._fd, view, offset)
+        elapsed = time.monotonic_ns() - start
+        if elapsed > INLINE_WRITE_SLOW_NS:
+            self._inline_writes_off_until = start + elapsed + INLINE_BACKOFF_NS
+        return written == len(view)
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:

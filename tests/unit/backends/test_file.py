@@ -483,3 +483,25 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         parse_size(text)
+
+
+def test_inline_writes_back_off_after_a_slow_one(backend: FileBackend,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where buffered RWF_NOWAIT writes are missing, whole-page writes go inline
+    until one is slow; then inline writes stop and the pool takes over."""
+    backend._unsupported.add(file_module._Feature.NOWAIT_WRITE)
+    page = pattern(3, 4096)
+    assert backend.pwrite_nowait(page, 4096)
+    assert run(read(backend, 4096, 4096)) == page
+    # partial pages and large writes are never done inline
+    assert not backend.pwrite_nowait(page[:512], 8192)
+    assert not backend.pwrite_nowait(page, 4096 + 512)
+    assert not backend.pwrite_nowait(bytes(file_module.INLINE_WRITE_MAX + 4096), 0)
+    # a write slower than the threshold switches inline writes off
+    monkeypatch.setattr(file_module, "INLINE_WRITE_SLOW_NS", -1)
+    assert backend.pwrite_nowait(page, 8192)
+    assert not backend.pwrite_nowait(page, 12288)
+    assert run(read(backend, 12288, 4096)) == bytes(4096)  # refused means untouched
+    backend._inline_writes_off_until = 0
+    monkeypatch.setattr(file_module, "INLINE_WRITE_SLOW_NS", 10**12)
+    assert backend.pwrite_nowait(page, 12288)
