@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _blockdev_arguments(opts: dict[str, Any]) -> dict[str, Any]:
+    opts = s.coerce(BLOCKDEV_ADD, opts)
+    if isinstance(opts.get("file"), dict):  # a child given inline: file.driver=...
+        opts["file"] = _blockdev_arguments(opts["file"])
+    return opts
+
+
 def _nbd_server_arguments(text: str) -> dict[str, Any]:
     opts = s.check(_NBD_SERVER_OPTS, s.coerce(_NBD_SERVER_OPTS, s.parse_keyval(text)))
     addr = opts.pop("addr")
@@ -74,7 +81,7 @@ def _nbd_server_arguments(text: str) -> dict[str, Any]:
 async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
     """Run the start-up options as QMP commands; ``DaemonUsageError`` on failure."""
     steps: list[tuple[str, str, Any]] = []
-    steps += [("--blockdev", text, lambda t: s.coerce(BLOCKDEV_ADD, s.parse_keyval(t)))
+    steps += [("--blockdev", text, lambda t: _blockdev_arguments(s.parse_keyval(t)))
               for text in ns.blockdev]
     if ns.nbd_server:
         steps.append(("--nbd-server", ns.nbd_server, _nbd_server_arguments))
@@ -92,6 +99,11 @@ async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
 async def _run(ns: argparse.Namespace) -> None:
     engine = Engine()
     qmp: QMPServer | None = None
+    # before any socket exists: a signal sent as soon as one appears must stop
+    # the daemon in order, not kill it
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, engine.quit_requested.set)
     try:
         await _setup(engine, ns)
         if ns.qmp:
@@ -103,9 +115,6 @@ async def _run(ns: argparse.Namespace) -> None:
                                        f"{err.strerror or err}") from None
         if ns.pid_file:
             _write_pid_file(ns.pid_file)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, engine.quit_requested.set)
         await engine.quit_requested.wait()
     finally:
         if qmp is not None:

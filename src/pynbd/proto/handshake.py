@@ -31,7 +31,7 @@ from .constants import (
     Opt,
     Rep,
 )
-from .errors import ProtocolError
+from .errors import LocalProtocolError, ProtocolError
 from .events import NEED_DATA, HandshakeClosed, HandshakeDone, HandshakeEvent, StartTLS
 from .negotiated import BlockSizes, ExportCatalog, ExportView, Negotiated
 
@@ -44,6 +44,8 @@ BASE_ALLOCATION_ID = 0
 #: option data longer than this ends the connection (qemu's limit)
 _HARD_OPTION_LIMIT = MAX_PAYLOAD
 
+_TLS_REQD = "TLS is required: send NBD_OPT_STARTTLS first"
+
 _SERVER_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 _KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
 
@@ -51,7 +53,19 @@ _KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
 class _State(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
+    TLS_HANDSHAKE = "tls-handshake"
     DONE = "done"
+
+
+class TlsMode(enum.Enum):
+    """How a server treats TLS (the spec's NOTLS, SELECTIVETLS-like, FORCEDTLS)."""
+
+    #: STARTTLS is refused with NBD_REP_ERR_POLICY
+    OFF = "off"
+    #: plaintext and TLS clients are both served
+    ON = "on"
+    #: nothing but STARTTLS and ABORT works before TLS
+    REQUIRE = "require"
 
 
 class _OptionRefused(Exception):
@@ -111,11 +125,20 @@ class ServerHandshake:
         refusal: if set, the server will not serve this client (e.g. its
             connection limit is reached); export-selecting options are
             refused with ``NBD_REP_ERR_POLICY`` and this text.
+        tls: whether STARTTLS is offered, and whether it is required.
+
+    STARTTLS rules (the lessons of nbdkit's CVE-2021-3716): a client that sends
+    anything after STARTTLS before the TLS handshake is dropped, so injected
+    plaintext is never acted on; once ``tls_started`` is called every earlier
+    negotiation result (structured replies, meta contexts) is forgotten.
     """
 
-    def __init__(self, catalog: ExportCatalog, *, refusal: str | None = None) -> None:
+    def __init__(self, catalog: ExportCatalog, *, refusal: str | None = None,
+                 tls: TlsMode = TlsMode.OFF) -> None:
         self._catalog = catalog
         self._refusal = refusal
+        self._tls_mode = tls
+        self.tls_active = False
         self._buf = bytearray()
         self._out: list[bytes] = [wire.GREETING.pack(NBDMAGIC, IHAVEOPT, _SERVER_FLAGS)]
         self._state = _State.CLIENT_FLAGS
@@ -150,8 +173,11 @@ class ServerHandshake:
             self._skip -= take
             data = data[take:]
             if not self._skip:
-                self._reply(self._skipped_option, Rep.ERR_TOO_BIG,
-                            f"option data longer than {MAX_OPTION_DATA} bytes")
+                if self._tls_required:
+                    self._reply(self._skipped_option, Rep.ERR_TLS_REQD, _TLS_REQD)
+                else:
+                    self._reply(self._skipped_option, Rep.ERR_TOO_BIG,
+                                f"option data longer than {MAX_OPTION_DATA} bytes")
         self._buf += data
 
     def data_to_send(self) -> bytes:
@@ -170,6 +196,8 @@ class ServerHandshake:
         while True:
             if self._state is _State.DONE:
                 raise ProtocolError("handshake already finished")
+            if self._state is _State.TLS_HANDSHAKE:
+                return NEED_DATA
             if self._skip:
                 return NEED_DATA
             if self._state is _State.CLIENT_FLAGS:
@@ -219,6 +247,11 @@ class ServerHandshake:
             return NEED_DATA
         data = bytes(self._buf[wire.OPTION_HEADER.size:end])
         del self._buf[:end]
+        if self._tls_required and option not in (Opt.STARTTLS, Opt.ABORT):
+            if option == Opt.EXPORT_NAME:
+                return self._close("EXPORT_NAME before STARTTLS on a TLS-only server")
+            self._reply(option, Rep.ERR_TLS_REQD, _TLS_REQD)
+            return None
         handler = self._handlers.get(option)
         if handler is None:
             self._reply(option, Rep.ERR_UNSUP, f"option {option} is not supported")
@@ -287,7 +320,30 @@ class ServerHandshake:
     def _handle_starttls(self, data: bytes) -> StartTLS | None:
         if data:
             raise _OptionRefused(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        raise _OptionRefused(Rep.ERR_POLICY, "TLS is not configured on this server")
+        if self._tls_mode is TlsMode.OFF:
+            raise _OptionRefused(Rep.ERR_POLICY, "TLS is not configured on this server")
+        if self.tls_active:
+            raise _OptionRefused(Rep.ERR_INVALID, "TLS is already active")
+        if self._buf:
+            raise ProtocolError("client sent data after NBD_OPT_STARTTLS before the TLS "
+                                "handshake")
+        self._reply(Opt.STARTTLS, Rep.ACK)
+        self._state = _State.TLS_HANDSHAKE
+        return StartTLS()
+
+    @property
+    def _tls_required(self) -> bool:
+        return self._tls_mode is TlsMode.REQUIRE and not self.tls_active
+
+    def tls_started(self) -> None:
+        """The shell finished the TLS handshake: forget everything negotiated before."""
+        if self._state is not _State.TLS_HANDSHAKE:
+            raise LocalProtocolError("tls_started() without a StartTLS event")
+        if self._buf:
+            raise ProtocolError("plaintext data arrived during the TLS handshake")
+        self.tls_active = True
+        self._reset_negotiation()
+        self._state = _State.OPTIONS
 
     def _parse_info_request(self, data: bytes) -> tuple[str, list[int]]:
         reader = _Reader(data)

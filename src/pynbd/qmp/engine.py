@@ -51,6 +51,8 @@ class Node:
     read_only: bool
     filename: str = ""
     child: Node | None = None
+    #: an inline child given without a node-name: named by us, deleted with its parent
+    implicit: bool = False
 
 
 @dataclasses.dataclass
@@ -143,6 +145,7 @@ class Engine:
         self._emit = emit or (lambda name, data: None)
         self.quit_requested = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        self._implicit_names = 0
 
     def set_event_sink(self, emit: EventSink) -> None:
         self._emit = emit
@@ -235,7 +238,16 @@ async def _quit(engine: Engine, args: dict[str, JSON]) -> JSON:
 
 @command("blockdev-add", BLOCKDEV_ADD)
 async def _blockdev_add(engine: Engine, args: dict[str, JSON]) -> JSON:
-    await _add_node(engine, args)
+    before = set(engine.nodes)
+    try:
+        await _add_node(engine, args)
+    except QMPError:
+        # a failed command leaves nothing behind, not even the inline children it made
+        for name in [name for name in engine.nodes if name not in before]:
+            node = engine.nodes.pop(name)
+            if node.child is None:
+                await node.backend.close()
+        raise
     return {}
 
 
@@ -262,6 +274,8 @@ async def _add_node(engine: Engine, args: dict[str, JSON]) -> Node:
         node = Node(name, "memory", MemoryBackend(args["size"]), read_only)
     else:
         node = await _raw_node(engine, name, args, read_only)
+    if name in engine.nodes:  # an inline child took the name
+        raise generic_error(f"Duplicate nodes with node-name='{name}'")
     engine.nodes[name] = node
     return node
 
@@ -272,7 +286,12 @@ async def _raw_node(engine: Engine, name: str, args: dict[str, JSON],
     if isinstance(child_spec, str):
         child = engine.node(child_spec)
     elif isinstance(child_spec, dict):
+        implicit = "node-name" not in child_spec
+        if implicit:  # qemu names an inline child itself (the nbd-multiconn iotest relies on it)
+            engine._implicit_names += 1
+            child_spec = {**child_spec, "node-name": f"#block{engine._implicit_names:03d}"}
         child = await _add_node(engine, s.check(BLOCKDEV_ADD, child_spec, "file"))
+        child.implicit = implicit
     else:
         raise generic_error("Invalid parameter type for 'file', expected: object or string")
     if child.read_only and not read_only:
@@ -297,6 +316,10 @@ async def _blockdev_del(engine: Engine, args: dict[str, JSON]) -> JSON:
     if users:
         raise generic_error(f"Node '{name}' is busy: in use by {', '.join(users)}")
     del engine.nodes[name]
+    # inline children we named go with their parent (as in qemu)
+    while node.child is not None and node.child.implicit and not engine._users(node.child):
+        node = node.child
+        del engine.nodes[node.name]
     if node.child is None:
         await node.backend.close()
     return {}

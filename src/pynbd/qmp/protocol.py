@@ -26,8 +26,10 @@ MAX_LINE = 1 << 20
 _DELIMITER = re.compile(rb"[\s{\[]")
 #: characters that matter while scanning a value outside strings
 _STRUCTURAL = re.compile(rb'[\[\]{}"]')
-#: the end of a string (an unescaped quote), or an escape to step over
-_STRING_END = re.compile(rb'\\.|"', re.DOTALL)
+#: the end of a string (an unescaped quote), an escape to step over, or a raw
+#: newline (never valid inside a JSON string: the input is resynchronized there,
+#: as qemu's lexer does on a control character)
+_STRING_END = re.compile(rb'\\[^\n]|["\n]')
 
 JSON = Any
 
@@ -51,6 +53,10 @@ class QMPError(Exception):
 
     def __str__(self) -> str:
         return f"{self.error_class}: {self.desc}"
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"invalid keyword '{name}'")
 
 
 def generic_error(desc: str) -> QMPError:
@@ -130,19 +136,24 @@ class QMPSession:
         Clients need not end messages with a newline (``qemu.qmp`` does not),
         so values are delimited the way qemu's JSON streamer does it: by
         bracket depth outside strings.  A top-level token that is not an
-        object or array runs to the next whitespace and is returned as is,
-        to be reported as an error.
+        object or array runs to the next whitespace (a string to its closing
+        quote) and is returned as is, to be reported as an error.  A raw
+        newline inside a string ends the broken value there, so one bad line
+        cannot swallow the commands after it.
         """
         buf = self._buf
         while True:
-            if self._depth == 0:
+            if self._depth == 0 and not self._in_string:
                 stripped = len(buf) - len(buf.lstrip())
                 if stripped:
                     del buf[:stripped]
                     self._scan = 0
                 if not buf:
                     return None
-                if buf[0] not in b"{[":
+                if buf[0] == ord('"'):
+                    # a top-level string: braces inside it must not count
+                    self._in_string, self._scan = True, 1
+                elif buf[0] not in b"{[":
                     match = _DELIMITER.search(buf, 1)
                     if match is None:
                         self._overflow_check()
@@ -150,7 +161,8 @@ class QMPSession:
                     token = bytes(buf[:match.start()])
                     del buf[:match.start()]
                     return token
-                self._depth, self._scan = 1, 1
+                else:
+                    self._depth, self._scan = 1, 1
             message = self._scan_value(buf)
             if message is not None:
                 if self._skipping:
@@ -173,8 +185,14 @@ class QMPSession:
             pos = match.end()
             char = match.group()
             if self._in_string:
+                if char == b"\n":
+                    # an unterminated string: end the broken value here
+                    self._depth, self._in_string = 0, False
+                    return self._cut(buf, pos)
                 if char == b'"':
                     self._in_string = False
+                    if self._depth == 0:  # a top-level string is complete
+                        return self._cut(buf, pos)
             elif char == b'"':
                 self._in_string = True
             elif char in (b"{", b"["):
@@ -182,15 +200,18 @@ class QMPSession:
             else:
                 self._depth -= 1
                 if self._depth == 0:
-                    message = bytes(buf[:pos])
-                    del buf[:pos]
-                    self._scan = 0
-                    return message
+                    return self._cut(buf, pos)
+
+    def _cut(self, buf: bytearray, end: int) -> bytes:
+        message = bytes(buf[:end])
+        del buf[:end]
+        self._scan = 0
+        return message
 
     def _overflow_check(self) -> None:
         if len(self._buf) > MAX_LINE:
             # keep scanning state, drop the bytes: the value is skipped, never stored
-            self._skipping = self._depth > 0
+            self._skipping = self._depth > 0 or self._in_string
             self._buf.clear()
             self._scan = 0
             if not self._skipping:
@@ -201,7 +222,7 @@ class QMPSession:
     @staticmethod
     def _decode(line: bytes) -> dict[str, JSON]:
         try:
-            message = json.loads(line)
+            message = json.loads(line, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as err:
             raise generic_error(f"JSON parse error, {err}") from None
         if not isinstance(message, dict):

@@ -92,9 +92,8 @@ def _check_struct(kind: Struct, value: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise generic_error(f"Invalid parameter type for '{path or 'arguments'}', "
                             "expected: object")
-    for key in value:
-        if key not in kind.members:
-            raise generic_error(f"Parameter '{_name(path, key)}' is unexpected")
+    # qemu's order: the schema's members first (missing or of the wrong type),
+    # then whatever is left over
     result: dict[str, Any] = {}
     for key, member in kind.members.items():
         if key not in value:
@@ -102,6 +101,9 @@ def _check_struct(kind: Struct, value: Any, path: str) -> dict[str, Any]:
                 raise generic_error(f"Parameter '{_name(path, key)}' is missing")
             continue
         result[key] = _check(member, value[key], _name(path, key))
+    for key in value:
+        if key not in kind.members:
+            raise generic_error(f"Parameter '{_name(path, key)}' is unexpected")
     return result
 
 
