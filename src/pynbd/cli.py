@@ -18,11 +18,15 @@ import signal
 import socket
 import sys
 import urllib.parse
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .backends import FileBackend, MemoryBackend, OffsetBackend, parse_size
+from .proto.handshake import TlsMode
+from .qmp.protocol import QMPError
+from .qmp.schema import parse_keyval
 from .server import Export, ExportTable, Server
+from .server.tls import TlsCredentials, TlsError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -63,6 +67,8 @@ class Config:
     verbose: int = 0
     print_uri: bool = False
     handshake_limit: float = 10.0
+    tls: TlsCredentials | None = None
+    tls_mode: TlsMode = TlsMode.OFF
 
 
 def _nonneg_int(text: str) -> int:
@@ -138,9 +144,90 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop clients that take longer to negotiate (0 = never)")
     p.add_argument("--print-uri", action="store_true",
                    help="print the NBD URI of the export once listening")
+    p.add_argument("--object", action="append", default=[], metavar="SPEC",
+                   help="tls-creds-x509,id=ID,dir=DIR[,verify-peer=on] or "
+                   "authz-simple,id=ID,identity=DN (as qemu-nbd)")
+    p.add_argument("--tls-creds", metavar="ID|DIR",
+                   help="TLS credentials: an --object id, or a directory with ca-cert.pem, "
+                   "server-cert.pem and server-key.pem")
+    p.add_argument("--tls-authz", metavar="ID",
+                   help="only allow client certificates named by this authz-simple object")
+    p.add_argument("--tls", choices=("off", "on", "require"), dest="tls_mode",
+                   help="TLS off, optional (on) or required (default with --tls-creds)")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by the CA")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
     p.add_argument("-V", "--version", action="version", version=f"pynbd {__version__}")
     return p
+
+
+def _parse_objects(specs: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """qemu's ``--object TYPE,id=ID,key=value,...`` (",," is a literal comma)."""
+    objects: dict[str, tuple[str, dict[str, Any]]] = {}
+    for spec in specs:
+        kind, _, rest = spec.partition(",")
+        if kind.startswith("qom-type="):
+            kind = kind[len("qom-type="):]
+        try:
+            props = parse_keyval(rest)
+        except QMPError as err:
+            raise UsageError(f"--object {spec}: {err.desc}") from None
+        object_id = props.pop("id", None)
+        if not isinstance(object_id, str) or not object_id:
+            raise UsageError(f"--object {spec}: parameter 'id' is missing")
+        if kind not in ("tls-creds-x509", "authz-simple"):
+            raise UsageError(f"--object {spec}: unsupported object type {kind!r}")
+        if object_id in objects:
+            raise UsageError(f"--object {spec}: duplicate id {object_id!r}")
+        objects[object_id] = (kind, props)
+    return objects
+
+
+def _tls_settings(ns: argparse.Namespace) -> tuple[TlsCredentials | None, TlsMode]:
+    objects = _parse_objects(ns.object)
+    creds: TlsCredentials | None = None
+    verify = bool(ns.tls_verify_peer)
+    if ns.tls_creds is not None:
+        kind, props = objects.get(ns.tls_creds, ("", {}))
+        if kind == "tls-creds-x509":
+            if props.get("endpoint", "server") != "server":
+                raise UsageError(f"TLS credentials {ns.tls_creds!r} are not for a server "
+                                 "(endpoint must be server)")
+            directory = props.get("dir")
+            if not isinstance(directory, str):
+                raise UsageError(f"TLS credentials {ns.tls_creds!r} need dir=DIR")
+            flag = str(props.get("verify-peer", "off")).lower()
+            if flag not in ("on", "off", "yes", "no", "true", "false"):
+                raise UsageError(f"verify-peer={flag!r}: expected on or off")
+            verify = verify or flag in ("on", "yes", "true")
+        elif kind:
+            raise UsageError(f"object {ns.tls_creds!r} is not tls-creds-x509")
+        elif os.path.isdir(ns.tls_creds):
+            directory = ns.tls_creds
+        else:
+            raise UsageError(f"--tls-creds {ns.tls_creds!r} is neither an --object id nor "
+                             "a directory")
+        allowed: frozenset[str] | None = None
+        if ns.tls_authz is not None:
+            kind, props = objects.get(ns.tls_authz, ("", {}))
+            if kind != "authz-simple" or not isinstance(props.get("identity"), str):
+                raise UsageError(f"--tls-authz {ns.tls_authz!r} must name an authz-simple "
+                                 "object with identity=DN")
+            allowed = frozenset({props["identity"]})
+        creds = TlsCredentials(directory, verify_peer=verify, allowed_dns=allowed)
+        try:
+            creds.server_context()
+        except TlsError as err:
+            raise UsageError(f"TLS credentials: {err}") from None
+    elif ns.tls_authz is not None or ns.tls_verify_peer:
+        raise UsageError("--tls-authz and --tls-verify-peer need --tls-creds")
+    mode = TlsMode(ns.tls_mode) if ns.tls_mode else (
+        TlsMode.REQUIRE if creds else TlsMode.OFF)
+    if mode is not TlsMode.OFF and creds is None:
+        raise UsageError(f"--tls={mode.value} needs --tls-creds")
+    if mode is TlsMode.OFF:
+        creds = None
+    return creds, mode
 
 
 def parse_args(argv: Sequence[str]) -> Config:
@@ -151,6 +238,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     if ns.socket_path is not None and not ns.socket_path:
         raise UsageError("socket path must not be empty")
     discard = {"off": "ignore", "on": "unmap"}.get(ns.discard, ns.discard)
+    tls, tls_mode = _tls_settings(ns)
     for label, text in (("export name", ns.export_name), ("description", ns.description)):
         if len(text.encode("utf-8")) > 4096:
             raise UsageError(f"{label} is longer than 4096 bytes")
@@ -159,7 +247,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         export_name=ns.export_name, description=ns.description, port=ns.port,
         bind=ns.bind, socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
         discard=discard, fork=ns.fork, pid_file=ns.pid_file, verbose=ns.verbose,
-        print_uri=ns.print_uri, handshake_limit=ns.handshake_limit)
+        print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
+        tls_mode=tls_mode)
 
 
 def open_backend(config: Config) -> Backend:
@@ -218,15 +307,16 @@ def _is_socket(path: str) -> bool:
 def export_uri(config: Config, sock: socket.socket) -> str:
     """The NBD URI a client uses to reach the export."""
     name = urllib.parse.quote(config.export_name, safe="")
+    scheme = "nbds" if config.tls_mode is TlsMode.REQUIRE else "nbd"
     if config.socket_path is not None:
         path = urllib.parse.quote(os.path.abspath(config.socket_path), safe="/")
-        return f"nbd+unix:///{name}?socket={path}"
+        return f"{scheme}+unix:///{name}?socket={path}"
     host, port = sock.getsockname()[:2]
     if host in ("0.0.0.0", "::"):
         host = "localhost"
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{name}"
+    return f"{scheme}://{host}:{port}/{name}"
 
 
 async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
@@ -234,7 +324,8 @@ async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
     exports.add(Export(config.export_name, backend, description=config.description,
                        read_only=config.read_only, multi_conn=config.shared != 1))
     server = Server(exports, max_connections=config.shared, persistent=config.persistent,
-                    handshake_limit=config.handshake_limit)
+                    handshake_limit=config.handshake_limit, tls=config.tls,
+                    tls_mode=config.tls_mode)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.request_stop)
@@ -309,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .daemon import main as daemon_main
 
         return daemon_main(args[1:])
+    if args[:1] == ["tls-setup"]:
+        from .tlssetup import main as tls_setup_main
+
+        return tls_setup_main(args[1:])
     try:
         config = parse_args(args)
         return run(config)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .qmp import schema as s
-from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, Engine
+from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, OBJECT_ADD, Engine
 from .qmp.protocol import QMPError
 from .qmp.server import QMPServer
 
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qmp", metavar="PATH", help="QMP server on this Unix socket")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
                    help="add a block node, e.g. driver=file,node-name=n0,filename=disk.img")
+    p.add_argument("--object", action="append", default=[], metavar="OPTS",
+                   help="add an object, e.g. tls-creds-x509,id=tls0,dir=DIR,endpoint=server")
     p.add_argument("--nbd-server", metavar="OPTS",
                    help="start the NBD server, e.g. addr.type=unix,addr.path=/run/nbd.sock")
     p.add_argument("--export", action="append", default=[], metavar="OPTS",
@@ -70,6 +72,16 @@ def _blockdev_arguments(opts: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def _object_arguments(text: str) -> dict[str, Any]:
+    """``TYPE,id=...`` (qemu's implied qom-type) as object-add arguments."""
+    kind, _, rest = text.partition(",")
+    args = s.parse_keyval(rest) if "=" not in kind else s.parse_keyval(text)
+    if "=" not in kind:
+        args["qom-type"] = kind
+    coerced: dict[str, Any] = s.coerce(OBJECT_ADD, args)
+    return coerced
+
+
 def _nbd_server_arguments(text: str) -> dict[str, Any]:
     opts = s.check(_NBD_SERVER_OPTS, s.coerce(_NBD_SERVER_OPTS, s.parse_keyval(text)))
     addr = opts.pop("addr")
@@ -81,14 +93,15 @@ def _nbd_server_arguments(text: str) -> dict[str, Any]:
 async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
     """Run the start-up options as QMP commands; ``DaemonUsageError`` on failure."""
     steps: list[tuple[str, str, Any]] = []
+    steps += [("--object", text, _object_arguments) for text in ns.object]
     steps += [("--blockdev", text, lambda t: _blockdev_arguments(s.parse_keyval(t)))
               for text in ns.blockdev]
     if ns.nbd_server:
         steps.append(("--nbd-server", ns.nbd_server, _nbd_server_arguments))
     steps += [("--export", text, lambda t: s.coerce(BLOCK_EXPORT_ADD, s.parse_keyval(t)))
               for text in ns.export]
-    commands = {"--blockdev": "blockdev-add", "--nbd-server": "nbd-server-start",
-                "--export": "block-export-add"}
+    commands = {"--object": "object-add", "--blockdev": "blockdev-add",
+                "--nbd-server": "nbd-server-start", "--export": "block-export-add"}
     for option, text, convert in steps:
         try:
             await engine.execute(commands[option], convert(text))

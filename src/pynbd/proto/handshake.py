@@ -339,8 +339,8 @@ class ServerHandshake:
         """The shell finished the TLS handshake: forget everything negotiated before."""
         if self._state is not _State.TLS_HANDSHAKE:
             raise LocalProtocolError("tls_started() without a StartTLS event")
-        if self._buf:
-            raise ProtocolError("plaintext data arrived during the TLS handshake")
+        # bytes received from here on came through TLS: the shell stops reading
+        # plaintext when it sees StartTLS, and STARTTLS refused any left over
         self.tls_active = True
         self._reset_negotiation()
         self._state = _State.OPTIONS

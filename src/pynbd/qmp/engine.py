@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..backends import FileBackend, MemoryBackend, OffsetBackend
 from ..server import Export, ExportTable, Server
+from ..server.tls import TlsCredentials, TlsError
 from . import schema as s
 from .protocol import QMPError, generic_error
 
@@ -146,6 +147,34 @@ class Engine:
         self.quit_requested = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._implicit_names = 0
+        #: user-creatable objects (object-add): id -> (qom-type, properties)
+        self.objects: dict[str, tuple[str, dict[str, JSON]]] = {}
+
+    def tls_credentials(self, creds_id: str | None,
+                        authz_id: str | None) -> TlsCredentials | None:
+        """TLS settings from object ids (``nbd-server-start`` tls-creds/tls-authz)."""
+        if creds_id is None:
+            if authz_id is not None:
+                raise generic_error("'tls-authz' is only valid with 'tls-creds'")
+            return None
+        kind, props = self.objects.get(creds_id, ("", {}))
+        if kind != "tls-creds-x509":
+            raise generic_error(f"No TLS credentials with id '{creds_id}'")
+        if props.get("endpoint", "server") != "server":
+            raise generic_error(f"TLS credentials '{creds_id}' are not for a server")
+        allowed = None
+        if authz_id is not None:
+            kind, authz = self.objects.get(authz_id, ("", {}))
+            if kind != "authz-simple":
+                raise generic_error(f"No authorization object with id '{authz_id}'")
+            allowed = frozenset({authz["identity"]})
+        creds = TlsCredentials(props["dir"], verify_peer=bool(props.get("verify-peer")),
+                               allowed_dns=allowed)
+        try:
+            creds.server_context()
+        except TlsError as err:
+            raise generic_error(f"TLS credentials '{creds_id}': {err}") from None
+        return creds
 
     def set_event_sink(self, emit: EventSink) -> None:
         self._emit = emit
@@ -337,8 +366,7 @@ async def _query_named_block_nodes(engine: Engine, args: dict[str, JSON]) -> JSO
 async def _nbd_server_start(engine: Engine, args: dict[str, JSON]) -> JSON:
     if engine.nbd is not None:
         raise generic_error("NBD server already running")
-    if "tls-creds" in args or "tls-authz" in args:
-        raise generic_error("TLS is not supported by this pynbd version")
+    tls = engine.tls_credentials(args.get("tls-creds"), args.get("tls-authz"))
     limit = args.get("max-connections", DEFAULT_MAX_CONNECTIONS)
     if limit < 0:
         raise generic_error("Parameter 'max-connections' expects a value of 0 or more")
@@ -347,7 +375,7 @@ async def _nbd_server_start(engine: Engine, args: dict[str, JSON]) -> JSON:
         raise generic_error("Parameter 'handshake-max-seconds' expects a value of 0 or more")
     sock, unix_path = _listen(args["addr"])
     server = Server(engine.table, max_connections=limit, persistent=True,
-                    handshake_limit=float(handshake))
+                    handshake_limit=float(handshake), tls=tls)
     try:
         await server.start([sock])
     except OSError as err:
@@ -472,3 +500,35 @@ async def _query_nbd_clients(engine: Engine, args: dict[str, JSON]) -> JSON:
             "bytes-written": conn.stats.bytes_written,
         })
     return out
+
+
+OBJECT_ADD = s.Union_("qom-type", {
+    "tls-creds-x509": s.Struct(
+        {"id": str, "dir": str, "endpoint": s.Enum(("server", "client")),
+         "verify-peer": bool},
+        frozenset({"endpoint", "verify-peer"})),
+    "authz-simple": s.Struct({"id": str, "identity": str}),
+})
+
+
+@command("object-add", OBJECT_ADD)
+async def _object_add(engine: Engine, args: dict[str, JSON]) -> JSON:
+    object_id = args.pop("id")
+    if object_id in engine.objects:
+        raise generic_error(f"attempt to add duplicate property '{object_id}' to object "
+                            "(type 'container')")
+    kind = args.pop("qom-type")
+    # a management command: a stat() here is fine
+    if kind == "tls-creds-x509" and not os.path.isdir(args["dir"]):  # noqa: ASYNC240
+        raise generic_error(f"Unable to access credentials {args['dir']}: "
+                            "No such file or directory")
+    engine.objects[object_id] = (kind, args)
+    return {}
+
+
+@command("object-del", s.Struct({"id": str}))
+async def _object_del(engine: Engine, args: dict[str, JSON]) -> JSON:
+    if args["id"] not in engine.objects:
+        raise generic_error(f"object '{args['id']}' not found")
+    del engine.objects[args["id"]]
+    return {}

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from ..proto.events import (
     HandshakeDone,
     InvalidRequest,
     Request,
+    StartTLS,
 )
 from ..proto.handshake import ServerHandshake
 from ..proto.transmission import Buffer, ServerTransmission
@@ -76,6 +78,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._handshake: ServerHandshake | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._tls_task: asyncio.Future[None] | None = None
         self._core: ServerTransmission | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: reading stopped: too many tasks, a full send buffer, or closing
@@ -109,7 +112,8 @@ class Connection(asyncio.Protocol):
         self.refusal = self.server.admit(self)
         log.info("%s: connected%s", self.peer,
                  f" (refused: {self.refusal})" if self.refusal else "")
-        self._handshake = ServerHandshake(self.server.exports, refusal=self.refusal)
+        self._handshake = ServerHandshake(self.server.exports, refusal=self.refusal,
+                                          tls=self.server.tls_mode)
         transport.write(self._handshake.data_to_send())
         limit = self.server.handshake_limit
         if limit:
@@ -131,6 +135,8 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._stop_reading()
         self._maybe_close()
+        if self._transport is not None and self._transport.get_extra_info("sslcontext"):
+            return None  # TLS transports close on EOF; the in-flight replies are lost
         return True  # keep the transport open until in-flight replies are sent
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -178,6 +184,11 @@ class Connection(asyncio.Protocol):
         self._transport.write(core.data_to_send())
         if event is NEED_DATA:
             return
+        if isinstance(event, StartTLS):
+            # nothing more is read as plaintext: the TLS layer takes the socket over
+            self._transport.pause_reading()
+            self._tls_task = asyncio.ensure_future(self._start_tls(core))
+            return
         self._handshake = None
         self._cancel_handshake_timer()
         if isinstance(event, HandshakeClosed):
@@ -187,6 +198,35 @@ class Connection(asyncio.Protocol):
             self._start_transmission(event)
         else:
             raise ProtocolError(f"unexpected handshake event {event!r}")
+
+    async def _start_tls(self, core: ServerHandshake) -> None:
+        transport = self._transport
+        context = self.server.tls_context
+        assert transport is not None
+        assert context is not None
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, self, context, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as err:
+            log.info("%s: TLS handshake failed: %s", self.peer, err)
+            transport.abort()
+            return
+        if tls_transport is None:  # the connection went away meanwhile
+            return
+        self._transport = tls_transport
+        credentials = self.server.tls
+        problem = credentials.authorize(tls_transport.get_extra_info("peercert")) \
+            if credentials is not None else None
+        if problem is not None:
+            log.info("%s: %s", self.peer, problem)
+            tls_transport.abort()
+            return
+        core.tls_started()
+        try:
+            self._negotiate()
+        except ProtocolError as err:
+            log.info("%s: protocol error: %s", self.peer, err)
+            self._abort()
 
     def _handshake_expired(self) -> None:
         log.info("%s: did not negotiate within %s s", self.peer, self.server.handshake_limit)

@@ -18,10 +18,12 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from ..proto.handshake import TlsMode
 from .connection import Connection
 
 if TYPE_CHECKING:
     from .export import Export, ExportTable
+    from .tls import TlsCredentials
 
 log = logging.getLogger("pynbd.server")
 
@@ -37,11 +39,23 @@ class Server:
         max_connections: simultaneous clients allowed; 0 means no limit.
         persistent: keep running after the last client leaves.
         handshake_limit: seconds a client may take to negotiate; 0 = no limit.
+        tls: X.509 credentials for STARTTLS.
+        tls_mode: off, on (optional) or require; defaults to require when
+            credentials are given, off otherwise.
     """
 
     def __init__(self, exports: ExportTable, *, max_connections: int = 1,
-                 persistent: bool = False, handshake_limit: float = 10.0) -> None:
+                 persistent: bool = False, handshake_limit: float = 10.0,
+                 tls: TlsCredentials | None = None,
+                 tls_mode: TlsMode | None = None) -> None:
         self.exports = exports
+        #: TLS credentials; with them the mode defaults to "require" (as qemu-nbd)
+        self.tls = tls
+        self.tls_mode = tls_mode or (TlsMode.REQUIRE if tls else TlsMode.OFF)
+        if self.tls_mode is not TlsMode.OFF and tls is None:
+            raise ValueError("TLS mode on/require needs credentials")
+        #: built once, so unusable credentials fail at start-up (raises TlsError)
+        self.tls_context = tls.server_context() if tls is not None else None
         self.max_connections = max_connections
         self.persistent = persistent
         self.handshake_limit = handshake_limit

@@ -1,0 +1,127 @@
+"""X.509 credentials for STARTTLS, in qemu's directory layout.
+
+Rules of this module: a credentials directory holds ``ca-cert.pem``,
+``server-cert.pem`` and ``server-key.pem`` (qemu's ``tls-creds-x509`` with
+``endpoint=server``).  TLS 1.2 is the oldest version offered.  With peer
+verification the client must present a certificate signed by that CA; an
+allow list further restricts which certificate subjects (distinguished names,
+RFC 4514 order) are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+from typing import Any
+
+CA_CERT = "ca-cert.pem"
+SERVER_CERT = "server-cert.pem"
+SERVER_KEY = "server-key.pem"
+CLIENT_CERT = "client-cert.pem"
+CLIENT_KEY = "client-key.pem"
+
+#: attribute names as RFC 4514 (and gnutls) print them
+_SHORT_NAMES = {
+    "commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+    "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST",
+    "domainComponent": "DC", "userId": "UID", "emailAddress": "emailAddress",
+}
+
+
+class TlsError(Exception):
+    """The credentials cannot be used; the message says why, in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsCredentials:
+    """Server-side TLS settings.
+
+    Args:
+        directory: holds ca-cert.pem, server-cert.pem, server-key.pem.
+        verify_peer: require a client certificate signed by the CA.
+        allowed_dns: if set, only client certificates whose subject is one
+            of these distinguished names are accepted (implies verify_peer).
+    """
+
+    directory: str
+    verify_peer: bool = False
+    allowed_dns: frozenset[str] | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        """An ``SSLContext`` for the server side; ``TlsError`` if files are unusable."""
+        cert = os.path.join(self.directory, SERVER_CERT)
+        key = os.path.join(self.directory, SERVER_KEY)
+        ca = os.path.join(self.directory, CA_CERT)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(cert, key)
+        except FileNotFoundError as err:
+            raise TlsError(f"missing {err.filename}") from None
+        except (ssl.SSLError, OSError) as err:
+            raise TlsError(f"cannot load {cert} / {key}: {err}") from None
+        if self.verify_peer or self.allowed_dns is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            try:
+                ctx.load_verify_locations(cafile=ca)
+            except FileNotFoundError:
+                raise TlsError(f"missing {ca} (needed to verify clients)") from None
+            except (ssl.SSLError, OSError) as err:
+                raise TlsError(f"cannot load {ca}: {err}") from None
+        return ctx
+
+    def authorize(self, peercert: dict[str, Any] | None) -> str | None:
+        """``None`` if the peer may continue, else why it may not."""
+        if self.allowed_dns is None:
+            return None
+        if not peercert:
+            return "no client certificate"
+        dn = subject_dn(peercert)
+        if normalize_dn(dn) not in {normalize_dn(a) for a in self.allowed_dns}:
+            return f"client certificate {dn!r} is not allowed"
+        return None
+
+
+def subject_dn(peercert: dict[str, Any]) -> str:
+    """The subject of a certificate from ``getpeercert()`` as an RFC 4514 string."""
+    parts = []
+    for rdn in reversed(peercert.get("subject", ())):
+        parts.append("+".join(f"{_SHORT_NAMES.get(k, k)}={_escape(v)}" for k, v in rdn))
+    return ",".join(parts)
+
+
+def normalize_dn(dn: str) -> str:
+    """Compare DNs without caring about spaces after commas or attribute case."""
+    out = []
+    for part in _split_dn(dn):
+        key, _, value = part.partition("=")
+        out.append(f"{key.strip().upper()}={value.strip()}")
+    return ",".join(out)
+
+
+def _split_dn(dn: str) -> list[str]:
+    parts, current, escaped = [], "", False
+    for ch in dn:
+        if escaped:
+            current += ch
+            escaped = False
+        elif ch == "\\":
+            current += ch
+            escaped = True
+        elif ch == ",":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p for p in parts if p.strip()]
+
+
+def _escape(value: str) -> str:
+    out = "".join("\\" + ch if ch in ',+"\\<>;=' else ch for ch in value)
+    if out.startswith((" ", "#")):
+        out = "\\" + out
+    if out.endswith(" "):
+        out = out[:-1] + "\\ "
+    return out
