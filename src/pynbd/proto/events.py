@@ -11,7 +11,7 @@ import enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .constants import Cmd, CmdFlag, Errno
+    from .constants import Errno
     from .negotiated import Negotiated
 
 
@@ -53,8 +53,10 @@ class StartTLS:
 class Request:
     """A valid transmission request, ready for the backend."""
 
-    cmd: Cmd
-    flags: CmdFlag
+    #: a ``Cmd`` value (kept a plain int: enum construction costs on every request)
+    cmd: int
+    #: ``CmdFlag`` bits, as a plain int
+    flags: int
     cookie: int
     offset: int
     length: int

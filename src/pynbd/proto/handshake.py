@@ -173,7 +173,8 @@ class ServerHandshake:
             self._skip -= take
             data = data[take:]
             if not self._skip:
-                if self._tls_required:
+                if self._tls_required and self._skipped_option not in (Opt.STARTTLS,
+                                                                       Opt.ABORT):
                     self._reply(self._skipped_option, Rep.ERR_TLS_REQD, _TLS_REQD)
                 else:
                     self._reply(self._skipped_option, Rep.ERR_TOO_BIG,

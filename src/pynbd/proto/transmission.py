@@ -73,12 +73,13 @@ class ServerTransmission:
     def __init__(self, negotiated: Negotiated, *, max_payload: int = MAX_PAYLOAD) -> None:
         self.negotiated = negotiated
         self._size = negotiated.export.size
-        self._flags = negotiated.flags
+        self._flags = int(negotiated.flags)
         self._structured = negotiated.structured
         self._max_payload = max_payload
         self._buf = bytearray()
         self._pos = 0
         self._disconnected = False
+        self._fast_rules = self._build_fast_rules()
 
     # -- receiving -----------------------------------------------------------
 
@@ -131,11 +132,46 @@ class ServerTransmission:
         if cmd == Cmd.DISC:
             self._disconnected = True
             return Disconnect()
-        problem = self._validate(cmd, flags, offset, length)
-        if problem is not None:
-            errno, message = problem
-            return InvalidRequest(cookie, cmd, errno, message, offset)
-        return Request(Cmd(cmd), CmdFlag(flags), cookie, offset, length, payload)
+        rule = self._fast_rules.get(cmd)
+        if (rule is None or flags & rule[0] or length > rule[1] or length < rule[2]
+                or (rule[3] and offset + length > self._size)
+                or (rule[4] and (offset or length))):
+            problem = self._validate(cmd, flags, offset, length)
+            if problem is not None:
+                errno, message = problem
+                return InvalidRequest(cookie, cmd, errno, message, offset)
+        return Request(cmd, flags, cookie, offset, length, payload)
+
+    def _build_fast_rules(self) -> dict[int, tuple[int, int, int, bool, bool]]:
+        """Per command, what a request must satisfy to skip ``_validate``.
+
+        ``(forbidden flag bits, max length, min length, check the range end,
+        offset and length must be zero)``.  Commands that ``_validate`` would
+        refuse whatever their arguments are left out, so they always take the
+        slow path; everything the fast path lets through, ``_validate`` would
+        let through too (a test checks the two agree).
+        """
+        rules: dict[int, tuple[int, int, int, bool, bool]] = {}
+        for cmd, allowed in _ALLOWED_FLAGS.items():
+            if cmd == Cmd.DISC:
+                continue
+            if cmd in _WRITE_TYPE and self.negotiated.read_only:
+                continue
+            needed = _NEEDS_FLAG.get(cmd)
+            if needed is not None and not self._flags & needed:
+                continue
+            if cmd == Cmd.BLOCK_STATUS and not self.negotiated.meta_contexts:
+                continue
+            ok = int(allowed)
+            if not self._flags & TransmissionFlag.SEND_FAST_ZERO:
+                ok &= ~int(CmdFlag.FAST_ZERO)
+            if not self._structured:
+                ok &= ~int(CmdFlag.DF)
+            max_length = self._max_payload if cmd == Cmd.READ else 0xFFFFFFFF
+            min_length = 1 if cmd == Cmd.BLOCK_STATUS else 0
+            rules[int(cmd)] = (0xFFFF & ~ok, max_length, min_length, cmd in _RANGED,
+                               cmd == Cmd.FLUSH)
+        return rules
 
     def _validate(self, cmd: int, flags: int, offset: int,
                   length: int) -> tuple[Errno, str] | None:

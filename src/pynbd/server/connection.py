@@ -53,6 +53,9 @@ log = logging.getLogger("pynbd.connection")
 MAX_IN_FLIGHT = 64
 #: structured reads at least this large look for holes to send as OFFSET_HOLE
 SPARSE_READ_MIN = 64 * 1024
+#: how long closing a TLS connection waits for the client's close_notify (asyncio's
+#: default, 30 s, held up every server stop while an idle TLS client was connected)
+TLS_SHUTDOWN_TIMEOUT = 2.0
 
 Handler = Callable[[Request], Awaitable[list[Buffer]]]
 
@@ -90,7 +93,7 @@ class Connection(asyncio.Protocol):
         self._shutting_down = False
         self._lost = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._handlers: dict[Cmd, Handler] = {
+        self._handlers: dict[int, Handler] = {
             Cmd.READ: self._do_read,
             Cmd.WRITE: self._do_write,
             Cmd.FLUSH: self._do_flush,
@@ -158,6 +161,7 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused_for_writes = False
         self._update_reading()
+        self._maybe_close()
 
     # -- control from the server -------------------------------------------------
 
@@ -206,7 +210,8 @@ class Connection(asyncio.Protocol):
         assert context is not None
         try:
             tls_transport = await asyncio.get_running_loop().start_tls(
-                transport, self, context, server_side=True)
+                transport, self, context, server_side=True,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as err:
             log.info("%s: TLS handshake failed: %s", self.peer, err)
             transport.abort()
@@ -348,7 +353,7 @@ class Connection(asyncio.Protocol):
             errno = _reply_errno(request, err.errno)
             reply = core.reply_error(request.cookie, errno, err.strerror or str(err))
         except Exception as err:  # a backend bug must not kill the connection
-            log.exception("%s: request %s failed", self.peer, request.cmd.name)
+            log.exception("%s: request %s failed", self.peer, Cmd(request.cmd).name)
             reply = core.reply_error(request.cookie, Errno.EIO, str(err))
         transport = self._transport
         if transport is not None and not transport.is_closing():
@@ -375,6 +380,10 @@ class Connection(asyncio.Protocol):
             self._closing = True
         if self._closing and not self._tasks and self._transport is not None:
             if not self._transport.is_closing():
+                if self._paused_for_writes and self._transport.get_extra_info("sslcontext"):
+                    # resume_writing comes back here: the TLS close gives up after
+                    # TLS_SHUTDOWN_TIMEOUT, so let the replies drain first
+                    return
                 self._transport.close()
             if self._lost and not self.closed.done():
                 self.closed.set_result(None)

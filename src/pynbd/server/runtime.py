@@ -44,6 +44,9 @@ class Server:
             credentials are given, off otherwise.
     """
 
+    #: the protocol class that serves each accepted socket (a test hook)
+    connection_class: type[Connection] = Connection
+
     def __init__(self, exports: ExportTable, *, max_connections: int = 1,
                  persistent: bool = False, handshake_limit: float = 10.0,
                  tls: TlsCredentials | None = None,
@@ -75,11 +78,15 @@ class Server:
     async def start(self, sockets: list[socket.socket]) -> None:
         """Start accepting on already bound and listening sockets."""
         loop = asyncio.get_running_loop()
+
+        def factory() -> Connection:
+            return self.connection_class(self)
+
         for sock in sockets:
             if sock.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+                server = await loop.create_unix_server(factory, sock=sock)
             else:
-                server = await loop.create_server(lambda: Connection(self), sock=sock)
+                server = await loop.create_server(factory, sock=sock)
             self._servers.append(server)
 
     async def serve_until_stopped(self) -> None:

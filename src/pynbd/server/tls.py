@@ -58,7 +58,10 @@ class TlsCredentials:
         try:
             ctx.load_cert_chain(cert, key)
         except FileNotFoundError as err:
-            raise TlsError(f"missing {err.filename}") from None
+            # ssl leaves err.filename unset: name the file that is not there
+            missing = err.filename or next(
+                (path for path in (cert, key) if not os.path.exists(path)), f"{cert} / {key}")
+            raise TlsError(f"missing {missing}") from None
         except (ssl.SSLError, OSError) as err:
             raise TlsError(f"cannot load {cert} / {key}: {err}") from None
         if self.verify_peer or self.allowed_dns is not None:
