@@ -375,7 +375,7 @@ def check_request(event: Request, negotiated: Negotiated, max_payload: int) -> N
     """A Request is only ever something a backend can safely be given."""
     size = negotiated.export.size
     assert event.cmd in ALLOWED
-    assert not event.flags & ~int(ALLOWED[event.cmd])
+    assert not event.flags & ~int(ALLOWED[Cmd(event.cmd)])
     assert 0 <= event.cookie < 2**64
     if event.cmd == Cmd.FLUSH:
         assert (event.offset, event.length) == (0, 0)
