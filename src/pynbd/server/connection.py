@@ -21,6 +21,7 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -53,6 +54,10 @@ log = logging.getLogger("pynbd.connection")
 MAX_IN_FLIGHT = 64
 #: structured reads at least this large look for holes to send as OFFSET_HOLE
 SPARSE_READ_MIN = 64 * 1024
+#: reply payloads at least this large are written without joining (no extra copy)
+LARGE_WRITE = 64 * 1024
+#: socket buffer sizes we ask for, so a 1 MiB reply usually leaves in one send
+SOCKET_BUFFER = 4 * 1024 * 1024
 #: how long closing a TLS connection waits for the client's close_notify (asyncio's
 #: default, 30 s, held up every server stop while an idle TLS client was connected)
 TLS_SHUTDOWN_TIMEOUT = 2.0
@@ -109,8 +114,12 @@ class Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):  # best effort: the kernel caps it
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         self.peer = _describe_peer(transport.get_extra_info("peername"))
         self.refusal = self.server.admit(self)
         log.info("%s: connected%s", self.peer,
@@ -143,6 +152,8 @@ class Connection(asyncio.Protocol):
         return True  # keep the transport open until in-flight replies are sent
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return  # _start_tls may have reported it already
         self._lost = True
         self._closing = True
         self._cancel_handshake_timer()
@@ -215,8 +226,12 @@ class Connection(asyncio.Protocol):
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as err:
             log.info("%s: TLS handshake failed: %s", self.peer, err)
             transport.abort()
+            # asyncio does not tell the protocol when the peer resets the
+            # connection mid-handshake: without this it would keep its slot
+            self.connection_lost(err)
             return
         if tls_transport is None:  # the connection went away meanwhile
+            self.connection_lost(None)
             return
         self._transport = tls_transport
         credentials = self.server.tls
@@ -284,7 +299,7 @@ class Connection(asyncio.Protocol):
             raise
         finally:
             if out and not transport.is_closing():
-                transport.write(b"".join(out))
+                _write(transport, out)
         self._maybe_close()
 
     def _try_inline(self, core: ServerTransmission, request: Request,
@@ -357,7 +372,7 @@ class Connection(asyncio.Protocol):
             reply = core.reply_error(request.cookie, Errno.EIO, str(err))
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.write(b"".join(reply))
+            _write(transport, reply)
 
     # -- reading and closing ------------------------------------------------------------
 
@@ -491,6 +506,28 @@ def _reply_errno(request: Request, err: int | None) -> Errno:
                                          and request.flags & CmdFlag.DF):
         return Errno.EINVAL
     return errno
+
+
+def _write(transport: asyncio.Transport, buffers: list[Buffer]) -> None:
+    """Send replies: small pieces joined into one write, large payloads on their own.
+
+    Joining costs a copy of everything joined; for a large READ payload that
+    copy is worth more than the extra system call it saves.
+    """
+    if len(buffers) == 1:
+        transport.write(buffers[0])
+        return
+    small: list[Buffer] = []
+    for buf in buffers:
+        if len(buf) >= LARGE_WRITE:
+            if small:
+                transport.write(b"".join(small))
+                small = []
+            transport.write(buf)
+        else:
+            small.append(buf)
+    if small:
+        transport.write(b"".join(small))
 
 
 def _describe_peer(peer: object) -> str:
