@@ -27,7 +27,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..backends.base import ExtentFlags
 from ..proto.constants import Cmd, CmdFlag, Errno
@@ -111,8 +111,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport subclasses)
+        self._transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -126,7 +126,7 @@ class Connection(asyncio.Protocol):
                  f" (refused: {self.refusal})" if self.refusal else "")
         self._handshake = ServerHandshake(self.server.exports, refusal=self.refusal,
                                           tls=self.server.tls_mode)
-        transport.write(self._handshake.data_to_send())
+        self._transport.write(self._handshake.data_to_send())
         limit = self.server.handshake_limit
         if limit:
             self._handshake_timer = asyncio.get_running_loop().call_later(
