@@ -404,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tlssetup import main as tls_setup_main
 
         return tls_setup_main(args[1:])
+    if args[:1] == ["check"]:
+        from .check import main as check_main
+
+        return check_main(args[1:])
     try:
         config = parse_args(args)
         return run(config)
