@@ -52,6 +52,12 @@ log = logging.getLogger("pynbd.connection")
 
 #: requests one connection may have running as tasks before we stop reading
 MAX_IN_FLIGHT = 64
+#: READ/WRITE payload bytes those tasks may hold before we stop reading
+MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+#: replies handled inline leave in batches of about this many bytes
+REPLY_BATCH_BYTES = 4 * 1024 * 1024
+#: larger reads always run as tasks (their buffers count against the cap above)
+INLINE_READ_MAX = 1024 * 1024
 #: structured reads at least this large look for holes to send as OFFSET_HOLE
 SPARSE_READ_MIN = 64 * 1024
 #: reply payloads at least this large are written without joining (no extra copy)
@@ -88,7 +94,11 @@ class Connection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Future[None] | None = None
         self._core: ServerTransmission | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: requests running as tasks, with the payload bytes each holds
+        self._tasks: dict[asyncio.Future[None], int] = {}
+        self._inflight_bytes = 0
+        #: reply bytes gathered by the current ``_process`` call
+        self._out_bytes = 0
         #: reading stopped: too many tasks, a full send buffer, or closing
         self._paused_for_tasks = False
         self._paused_for_writes = False
@@ -172,7 +182,21 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused_for_writes = False
         self._update_reading()
+        self._resume_processing()
         self._maybe_close()
+
+    def _resume_processing(self) -> None:
+        """Handle requests that were parsed-ready while processing was paused."""
+        if self._core is not None and not self._closing and not self._paused:
+            try:
+                self._process()
+            except ProtocolError as err:
+                log.info("%s: protocol error: %s", self.peer, err)
+                self._abort()
+
+    @property
+    def _paused(self) -> bool:
+        return self._paused_for_tasks or self._paused_for_writes
 
     # -- control from the server -------------------------------------------------
 
@@ -279,7 +303,13 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         out: list[Buffer] = []
         try:
-            while not (self._closing or self._paused_for_tasks):
+            self._out_bytes = 0
+            while not (self._closing or self._paused):
+                if self._out_bytes >= REPLY_BATCH_BYTES:  # replies leave in bounded batches
+                    _write(transport, out)
+                    out = []
+                    self._out_bytes = 0
+                    continue  # writing may have paused us (the send buffer is full)
                 event = core.next_event()
                 if event is NEED_DATA:
                     break
@@ -308,7 +338,8 @@ class Connection(asyncio.Protocol):
         assert self.export is not None
         backend = self.export.backend
         if request.cmd == Cmd.READ:
-            if (core.negotiated.structured and request.length >= SPARSE_READ_MIN
+            if request.length > INLINE_READ_MAX or (
+                    core.negotiated.structured and request.length >= SPARSE_READ_MIN
                     and backend.capabilities.can_extents
                     and not request.flags & CmdFlag.DF):
                 return False
@@ -319,6 +350,7 @@ class Connection(asyncio.Protocol):
             except OSError:
                 return False  # the task path retries and reports the error
             out += core.reply_read(request.cookie, request.offset, buf)
+            self._out_bytes += request.length
             self.stats.bytes_read += request.length
         elif request.cmd == Cmd.WRITE and not request.flags & CmdFlag.FUA:
             assert request.payload is not None
@@ -336,23 +368,21 @@ class Connection(asyncio.Protocol):
 
     def _spawn(self, core: ServerTransmission, request: Request) -> None:
         task = asyncio.ensure_future(self._serve(core, request))
-        self._tasks.add(task)
+        cost = request.length if request.cmd in (Cmd.READ, Cmd.WRITE) else 0
+        self._tasks[task] = cost
+        self._inflight_bytes += cost
         task.add_done_callback(self._task_done)
-        if len(self._tasks) >= MAX_IN_FLIGHT:
+        if len(self._tasks) >= MAX_IN_FLIGHT or self._inflight_bytes >= MAX_IN_FLIGHT_BYTES:
             self._paused_for_tasks = True
             self._update_reading()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._paused_for_tasks and len(self._tasks) < MAX_IN_FLIGHT // 2:
+        self._inflight_bytes -= self._tasks.pop(task, 0)
+        if (self._paused_for_tasks and len(self._tasks) < MAX_IN_FLIGHT // 2
+                and self._inflight_bytes < MAX_IN_FLIGHT_BYTES // 2):
             self._paused_for_tasks = False
             self._update_reading()
-            if self._core is not None and not self._closing:
-                try:
-                    self._process()
-                except ProtocolError as err:
-                    log.info("%s: protocol error: %s", self.peer, err)
-                    self._abort()
+            self._resume_processing()
         self._maybe_close()
 
     async def _serve(self, core: ServerTransmission, request: Request) -> None:
