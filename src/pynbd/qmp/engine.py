@@ -39,7 +39,7 @@ EventSink = Callable[[str, dict[str, JSON]], None]
 #: qemu release whose QMP behaviour we follow (reported by query-version)
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 #: the daemon's default connection limit (qemu 9.1+ and our reliability issue)
-DEFAULT_MAX_CONNECTIONS = 0
+DEFAULT_MAX_CONNECTIONS = 100
 
 
 @dataclasses.dataclass
