@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .backends import FileBackend, MemoryBackend, OffsetBackend, parse_size
+from .backends.faults import FaultBackend, FaultRule, parse_fault_spec
 from .proto.handshake import TlsMode
 from .qmp.protocol import QMPError
 from .qmp.schema import parse_keyval
@@ -69,6 +70,9 @@ class Config:
     handshake_limit: float = 10.0
     tls: TlsCredentials | None = None
     tls_mode: TlsMode = TlsMode.OFF
+    #: --fault specs, as given (parsed again for each backend: rules keep hit counts)
+    faults: tuple[str, ...] = ()
+    fault_seed: int | None = None
 
 
 def _nonneg_int(text: str) -> int:
@@ -156,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TLS off, optional (on) or required (default with --tls-creds)")
     p.add_argument("--tls-verify-peer", action="store_true",
                    help="require a client certificate signed by the CA")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject faults (testing): cmd=read|write|flush|trim|zero|"
+                   "block-status|cache|all (join several with +), errno=NAME, rate=0..1, "
+                   "range=START-END, count=N, delay=SECONDS, seed=N; e.g. "
+                   "cmd=read,errno=EIO,rate=0.5; may be repeated")
+    p.add_argument("--fault-seed", type=int, metavar="N",
+                   help="seed for the --fault rates (default: random, shown with -v)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
     p.add_argument("-V", "--version", action="version", version=f"pynbd {__version__}")
     return p
@@ -242,13 +253,26 @@ def parse_args(argv: Sequence[str]) -> Config:
     for label, text in (("export name", ns.export_name), ("description", ns.description)):
         if len(text.encode("utf-8")) > 4096:
             raise UsageError(f"{label} is longer than 4096 bytes")
+    _fault_rules(ns.fault)
+    if ns.fault_seed is not None and not ns.fault:
+        raise UsageError("--fault-seed needs --fault")
     return Config(
         image=ns.image, read_only=ns.read_only, shared=ns.shared, persistent=ns.persistent,
         export_name=ns.export_name, description=ns.description, port=ns.port,
         bind=ns.bind, socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
         discard=discard, fork=ns.fork, pid_file=ns.pid_file, verbose=ns.verbose,
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
-        tls_mode=tls_mode)
+        tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed)
+
+
+def _fault_rules(specs: Sequence[str]) -> list[FaultRule]:
+    rules = []
+    for spec in specs:
+        try:
+            rules.append(parse_fault_spec(spec))
+        except ValueError as err:
+            raise UsageError(f"--fault {spec}: {err}") from None
+    return rules
 
 
 def open_backend(config: Config) -> Backend:
@@ -271,6 +295,10 @@ def open_backend(config: Config) -> Backend:
             backend = OffsetBackend(backend, config.offset)
         except ValueError as err:
             raise UsageError(str(err)) from None
+    if config.faults:
+        backend = FaultBackend(backend, _fault_rules(config.faults), seed=config.fault_seed)
+        logging.getLogger("pynbd").info("fault injection: %d rule(s), seed %d",
+                                        len(config.faults), backend.seed)
     return backend
 
 
@@ -361,12 +389,28 @@ def _signal_ready() -> None:
         _ready_fd = None
 
 
+def raise_fd_limit() -> None:
+    """Let the server hold as many connections as the hard limit allows.
+
+    The usual soft limit (1024 descriptors) would cap a server with ``-e 0``
+    at about a thousand clients; servers commonly lift it to the hard limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 def run(config: Config) -> int:
     """Serve until stopped; return the exit status."""
     logging.basicConfig(
         level=logging.DEBUG if config.verbose > 1 else
         logging.INFO if config.verbose else logging.WARNING,
         format="pynbd: %(message)s")
+    raise_fd_limit()
     backend = open_backend(config)
     sock = bind_socket(config)
     if config.print_uri:

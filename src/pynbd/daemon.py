@@ -19,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
+from .cli import raise_fd_limit
 from .qmp import schema as s
 from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, OBJECT_ADD, Engine
 from .qmp.protocol import QMPError
@@ -154,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if ns.verbose > 1 else logging.INFO
                             if ns.verbose else logging.WARNING,
                             format="pynbd daemon: %(message)s")
+        raise_fd_limit()
         asyncio.run(_run(ns))
     except DaemonUsageError as err:
         print(f"pynbd daemon: {err}", file=sys.stderr)

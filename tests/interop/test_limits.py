@@ -149,3 +149,49 @@ def test_connection_cycles_leave_no_fds_or_memory_behind(
     grown = status_kib(pid, "VmRSS") - rss
     assert grown < 8 * 1024, f"RSS grew by {grown} KiB over 2000 cycles"
     assert srv.proc.poll() is None
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise AssertionError("no Pss in smaps_rollup")
+
+
+def test_a_thousand_idle_clients_cost_little_memory(
+        pynbd_server: Callable[..., Any]) -> None:
+    """1,000 clients that finished the handshake and sit idle add at most 32 MiB
+    (proportional set size), and a busy client's I/O stays correct meanwhile."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2200:
+        pytest.fail(f"the hard fd limit {hard} is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2200), hard))
+    srv = pynbd_server("-e", "0", "memory:16M")
+    assert srv.socket is not None
+    pid = srv.proc.pid
+    busy = go(srv.socket)
+    busy.sendall(wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.WRITE, 1, 0, 4096) + b"\x42" * 4096)
+    assert wire.SIMPLE_REPLY.unpack(recv_exact(busy, 16))[1] == 0
+    time.sleep(0.3)
+    baseline = pss_kib(pid)
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(go(srv.socket))
+        time.sleep(0.5)
+        grown_mib = (pss_kib(pid) - baseline) / 1024
+        for i in range(200):
+            busy.sendall(wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, i, 0, 4096))
+            magic, error, cookie = wire.SIMPLE_REPLY.unpack(recv_exact(busy, 16))
+            assert (magic, error, cookie) == (SIMPLE_REPLY_MAGIC, 0, i)
+            assert recv_exact(busy, 4096) == b"\x42" * 4096
+        print(f"1000 idle clients: +{grown_mib:.1f} MiB PSS")
+        assert grown_mib <= 32, f"1000 idle clients cost {grown_mib:.1f} MiB"
+    finally:
+        for sock in idle:
+            sock.close()
+        busy.close()
+    assert srv.proc.poll() is None
