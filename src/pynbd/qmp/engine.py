@@ -8,6 +8,8 @@ Rules of this module:
   CAN_MULTI_CONN for every export (advertised unless the limit is 1).
 - Every command validates its arguments against its schema first; errors are
   ``QMPError`` with qemu's class and wording.
+- Every node's backend is a ``FaultBackend`` (no rules: no cost) so that
+  ``x-fault-add`` can fail or delay requests of a node that exports already use.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..backends import FileBackend, MemoryBackend, OffsetBackend
+from ..backends.faults import COMMANDS as FAULT_COMMANDS
+from ..backends.faults import FaultBackend, FaultRule, parse_errno
 from ..server import Export, ExportTable, Server
 from ..server.tls import TlsCredentials, TlsError
 from . import schema as s
@@ -199,10 +203,8 @@ class Engine:
                     await node.backend.flush()
                 except OSError as err:
                     log.error("flush of node %s failed: %s", node.name, err)
-        closed: set[int] = set()
         for node in self.nodes.values():
-            if id(node.backend) not in closed:
-                closed.add(id(node.backend))
+            if node.child is None:  # a node over another closes nothing of its own
                 await node.backend.close()
         self.nodes.clear()
 
@@ -305,6 +307,7 @@ async def _add_node(engine: Engine, args: dict[str, JSON]) -> Node:
         node = await _raw_node(engine, name, args, read_only)
     if name in engine.nodes:  # an inline child took the name
         raise generic_error(f"Duplicate nodes with node-name='{name}'")
+    node.backend = FaultBackend(node.backend)
     engine.nodes[name] = node
     return node
 
@@ -532,3 +535,78 @@ async def _object_del(engine: Engine, args: dict[str, JSON]) -> JSON:
         raise generic_error(f"object '{args['id']}' not found")
     del engine.objects[args["id"]]
     return {}
+
+
+# -- fault injection (x-fault-*) ---------------------------------------------------------
+
+X_FAULT_ADD = s.Struct(
+    {"node-name": str, "command": s.Enum((*FAULT_COMMANDS, "all")), "errno": str,
+     # numbers: checked by the handler (the schema module has no float type)
+     "rate": object, "start": int, "end": int, "count": int, "delay": object, "seed": int},
+    frozenset({"errno", "rate", "start", "end", "count", "delay", "seed"}))
+X_FAULT_CLEAR = s.Struct({"node-name": str, "id": int}, frozenset({"id"}))
+
+
+def _fault_backend(engine: Engine, name: str) -> FaultBackend:
+    backend = engine.node(name).backend
+    if not isinstance(backend, FaultBackend):
+        raise generic_error(f"Node '{name}' does not support fault injection")
+    return backend
+
+
+def _number(args: dict[str, JSON], key: str, default: float) -> float:
+    value = args.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise generic_error(f"Invalid parameter type for '{key}', expected: number")
+    return float(value)
+
+
+@command("x-fault-add", X_FAULT_ADD)
+async def _x_fault_add(engine: Engine, args: dict[str, JSON]) -> JSON:
+    backend = _fault_backend(engine, args["node-name"])
+    rate = _number(args, "rate", 1.0)
+    delay = _number(args, "delay", 0.0)
+    errno: int | None = None
+    if "errno" in args:
+        try:
+            errno = parse_errno(args["errno"])
+        except ValueError:
+            raise generic_error(
+                f"Parameter 'errno' does not accept value '{args['errno']}'") from None
+    elif not delay:
+        errno = parse_errno("EIO")
+    if not 0.0 <= rate <= 1.0:
+        raise generic_error("Parameter 'rate' expects a value between 0 and 1")
+    if not 0.0 <= delay < float("inf"):
+        raise generic_error("Parameter 'delay' expects a value of 0 or more")
+    if args.get("start", 0) < 0:
+        raise generic_error("Parameter 'start' expects a value of 0 or more")
+    if "end" in args and args["end"] <= args.get("start", 0):
+        raise generic_error("Parameter 'end' expects a value greater than 'start'")
+    if args.get("count", 1) < 1:
+        raise generic_error("Parameter 'count' expects a value of 1 or more")
+    command = args["command"]
+    try:
+        rule = FaultRule(frozenset(FAULT_COMMANDS if command == "all" else (command,)),
+                         errno=errno, rate=rate, start=args.get("start", 0),
+                         end=args.get("end"), count=args.get("count"), delay=delay,
+                         seed=args.get("seed"))
+    except ValueError as err:
+        raise generic_error(f"Invalid fault: {err}") from None
+    return {"id": backend.add_rule(rule)}
+
+
+@command("x-fault-clear", X_FAULT_CLEAR)
+async def _x_fault_clear(engine: Engine, args: dict[str, JSON]) -> JSON:
+    backend = _fault_backend(engine, args["node-name"])
+    try:
+        backend.clear(args.get("id"))
+    except KeyError:
+        raise generic_error(f"Node '{args['node-name']}' has no fault with id "
+                            f"{args['id']}") from None
+    return {}
+
+
+@command("x-query-faults", NODE_NAME)
+async def _x_query_faults(engine: Engine, args: dict[str, JSON]) -> JSON:
+    return _fault_backend(engine, args["node-name"]).describe()
