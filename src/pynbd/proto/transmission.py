@@ -125,7 +125,8 @@ class ServerTransmission:
             if avail < wire.REQUEST.size + length:
                 return NEED_DATA
             start = self._pos + wire.REQUEST.size
-            payload = bytes(self._buf[start:start + length])
+            with memoryview(self._buf) as view:  # one copy, released before any resize
+                payload = bytes(view[start:start + length])
             self._pos = start + length
         else:
             self._pos += wire.REQUEST.size
