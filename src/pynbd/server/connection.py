@@ -70,6 +70,10 @@ TLS_SHUTDOWN_TIMEOUT = 2.0
 
 Handler = Callable[[Request], Awaitable[list[Buffer]]]
 
+# plain ints for the per-request path: ``int & IntFlag`` builds a new flag object
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
+_FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
+
 
 @dataclasses.dataclass(slots=True)
 class ConnectionStats:
@@ -337,11 +341,11 @@ class Connection(asyncio.Protocol):
         """Answer a cheap READ or WRITE now, without a task; False if it is not cheap."""
         assert self.export is not None
         backend = self.export.backend
-        if request.cmd == Cmd.READ:
+        if request.cmd == _READ:
             if request.length > INLINE_READ_MAX or (
                     core.negotiated.structured and request.length >= SPARSE_READ_MIN
                     and backend.capabilities.can_extents
-                    and not request.flags & CmdFlag.DF):
+                    and not request.flags & _DF):
                 return False
             buf = bytearray(request.length)
             try:
@@ -352,7 +356,7 @@ class Connection(asyncio.Protocol):
             out += core.reply_read(request.cookie, request.offset, buf)
             self._out_bytes += request.length
             self.stats.bytes_read += request.length
-        elif request.cmd == Cmd.WRITE and not request.flags & CmdFlag.FUA:
+        elif request.cmd == _WRITE and not request.flags & _FUA:
             assert request.payload is not None
             try:
                 if not backend.pwrite_nowait(request.payload, request.offset):
@@ -368,7 +372,7 @@ class Connection(asyncio.Protocol):
 
     def _spawn(self, core: ServerTransmission, request: Request) -> None:
         task = asyncio.ensure_future(self._serve(core, request))
-        cost = request.length if request.cmd in (Cmd.READ, Cmd.WRITE) else 0
+        cost = request.length if request.cmd in (_READ, _WRITE) else 0
         self._tasks[task] = cost
         self._inflight_bytes += cost
         task.add_done_callback(self._task_done)
