@@ -49,8 +49,10 @@ MAX_EXTENTS = 1024
 
 #: page-aligned writes up to this size may go inline (see ``_pwrite_inline_guarded``)
 INLINE_WRITE_MAX = 64 * 1024
-#: an inline write slower than this turns inline writes off for a while
-INLINE_WRITE_SLOW_NS = 500_000
+#: an inline write slower than this turns inline writes off for a while.  It is
+#: well above a scheduler time slice, so being preempted on a busy host does not
+#: count as slow storage; dirty-page throttling (tens of ms and more) does.
+INLINE_WRITE_SLOW_NS = 5_000_000
 #: how long inline writes stay off after a slow one
 INLINE_BACKOFF_NS = 1_000_000_000
 _PAGE = os.sysconf("SC_PAGE_SIZE")
