@@ -89,8 +89,13 @@ class MemoryBackend(Backend):
         src = memoryview(data).cast("B")
         pos = 0
         for index, start, count in self._spans(offset, len(src)):
-            chunk = self._chunk_for_write(index)
-            memoryview(chunk)[start:start + count] = src[pos:pos + count]
+            if count == CHUNK_SIZE and index not in self._chunks:
+                # a whole new chunk: build it from the data (no zero-fill, one copy)
+                self._chunks[index] = bytearray(src[pos:pos + count])
+                bisect.insort(self._keys, index)
+            else:
+                chunk = self._chunk_for_write(index)
+                memoryview(chunk)[start:start + count] = src[pos:pos + count]
             pos += count
         return True
 
