@@ -183,7 +183,6 @@ def test_a_thousand_idle_clients_cost_little_memory(
             magic, error, cookie = wire.SIMPLE_REPLY.unpack(recv_exact(busy, 16))
             assert (magic, error, cookie) == (SIMPLE_REPLY_MAGIC, 0, i)
             assert recv_exact(busy, 4096) == b"\x42" * 4096
-        print(f"1000 idle clients: +{grown_mib:.1f} MiB PSS")
         assert grown_mib <= 32, f"1000 idle clients cost {grown_mib:.1f} MiB"
     finally:
         for sock in idle:
