@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the process-tree helpers are bench/run.py's (this script runs from bench/)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import _stat_fields, descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("pynbd", "qemu-nbd", "nbdkit", "nbd-server")
 CONTROL = "broken control"
@@ -66,27 +70,6 @@ class Server:
 
 
 # -- processes -----------------------------------------------------------------------------
-
-def _stat_fields(pid: int) -> list[str]:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2:].split()
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(
-                    int(entry.name))
-    found: list[int] = []
-    todo = [root]
-    while todo and len(found) < 20_000:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
 
 def pid_alive(pid: int) -> bool:
     try:
