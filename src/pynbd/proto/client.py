@@ -42,6 +42,8 @@ from .negotiated import BlockSizes
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from .wire import Buffer
+
 __all__ = [
     "ClientHandshake",
     "ClientHandshakeEvent",
@@ -54,7 +56,7 @@ __all__ = [
     "rep_name",
 ]
 
-Buffer = bytes | bytearray | memoryview
+
 
 #: second magic of an oldstyle server (we only speak fixed newstyle)
 _OLDSTYLE_MAGIC = 0x00420281861253

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from .client import HandshakeComplete
+    from .wire import Buffer
 
-Buffer = bytes | bytearray | memoryview
+
 
 #: the most data an error-type chunk may carry
 _MAX_ERROR_CHUNK = MAX_OPTION_DATA

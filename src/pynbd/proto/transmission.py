@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .negotiated import Negotiated
+    from .wire import Buffer
 
-Buffer = bytes | bytearray | memoryview
+
 
 #: flags each command accepts (FUA is accepted on every command, as the spec says)
 _ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {

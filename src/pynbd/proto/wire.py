@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import struct
 
+#: what a payload or a piece of a reply may be (never copied by the core)
+Buffer = bytes | bytearray | memoryview
+
 #: greeting: NBDMAGIC(64) IHAVEOPT(64) handshake flags(16)
 GREETING = struct.Struct(">QQH")
 #: client flags (32), sent once after the greeting

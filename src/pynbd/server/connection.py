@@ -42,7 +42,8 @@ from ..proto.events import (
     StartTLS,
 )
 from ..proto.handshake import ServerHandshake
-from ..proto.transmission import Buffer, ServerTransmission
+from ..proto.transmission import ServerTransmission
+from ..proto.wire import Buffer
 
 if TYPE_CHECKING:
     from .export import Export

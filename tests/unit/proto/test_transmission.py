@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -36,7 +37,10 @@ from pynbd.proto.errors import ProtocolError
 from pynbd.proto.events import NEED_DATA, Disconnect, HandshakeDone, InvalidRequest, Request
 from pynbd.proto.handshake import ServerHandshake
 from pynbd.proto.negotiated import Negotiated, transmission_flags
-from pynbd.proto.transmission import Buffer, ServerTransmission
+from pynbd.proto.transmission import ServerTransmission
+
+if TYPE_CHECKING:
+    from pynbd.proto.wire import Buffer
 
 # -- exports and negotiation -------------------------------------------------------------
 
