@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-from .constants import Errno
+from .constants import Cmd, CmdFlag, Errno
 
 
 class NBDError(Exception):
@@ -63,12 +63,21 @@ _ERRNO_MAP: dict[int, Errno] = {
 }
 
 
-def nbd_errno(err: int | None) -> Errno:
+def nbd_errno(err: int | None, *, cmd: int | None = None, flags: int = 0) -> Errno:
     """Map an OS errno to the NBD error value a client should see.
 
-    Values the protocol does not define become ``EIO``: the request failed,
-    and the client must not assume anything about why.
+    This is the one place errno values become NBD errors.  Values the
+    protocol does not define become ``EIO``: the request failed, and the
+    client must not assume anything about why.  Given the request's command
+    and flags, ``ENOTSUP`` is kept only for a FAST_ZERO write-zeroes and
+    ``EOVERFLOW`` only for a DF read (the spec reserves them for those);
+    elsewhere they become ``EINVAL``, as qemu and nbdkit do.
     """
-    if err is None:
-        return Errno.EIO
-    return _ERRNO_MAP.get(err, Errno.EIO)
+    errno = Errno.EIO if err is None else _ERRNO_MAP.get(err, Errno.EIO)
+    if cmd is None:
+        return errno
+    if errno == Errno.ENOTSUP and not (cmd == Cmd.WRITE_ZEROES and flags & CmdFlag.FAST_ZERO):
+        return Errno.EINVAL
+    if errno == Errno.EOVERFLOW and not (cmd == Cmd.READ and flags & CmdFlag.DF):
+        return Errno.EINVAL
+    return errno

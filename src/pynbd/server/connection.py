@@ -400,7 +400,7 @@ class Connection(asyncio.Protocol):
             elif request.cmd == Cmd.WRITE:
                 stats.bytes_written += request.length
         except OSError as err:
-            errno = _reply_errno(request, err.errno)
+            errno = nbd_errno(err.errno, cmd=request.cmd, flags=request.flags)
             reply = core.reply_error(request.cookie, errno, err.strerror or str(err))
         except Exception as err:  # a backend bug must not kill the connection
             log.exception("%s: request %s failed", self.peer, Cmd(request.cmd).name)
@@ -529,18 +529,6 @@ class Connection(asyncio.Protocol):
             extents = extents[:1]
         return core.reply_block_status(
             request.cookie, [(cid, extents) for cid in core.negotiated.meta_contexts])
-
-
-def _reply_errno(request: Request, err: int | None) -> Errno:
-    """The NBD error for a backend failure, keeping ENOTSUP/EOVERFLOW where allowed."""
-    errno = nbd_errno(err)
-    if errno == Errno.ENOTSUP and not (request.cmd == Cmd.WRITE_ZEROES
-                                       and request.flags & CmdFlag.FAST_ZERO):
-        return Errno.EINVAL
-    if errno == Errno.EOVERFLOW and not (request.cmd == Cmd.READ
-                                         and request.flags & CmdFlag.DF):
-        return Errno.EINVAL
-    return errno
 
 
 def _write(transport: asyncio.Transport, buffers: list[Buffer]) -> None:
