@@ -11,13 +11,13 @@ Run many more examples with ``HYPOTHESIS_PROFILE=fuzz``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.fakes import FakeCatalog, FakeExport
 
 from pynbd.proto import wire
 from pynbd.proto.constants import (
@@ -50,7 +50,7 @@ from pynbd.proto.events import (
     StartTLS,
 )
 from pynbd.proto.handshake import ServerHandshake
-from pynbd.proto.negotiated import Negotiated, transmission_flags
+from pynbd.proto.negotiated import Negotiated
 from pynbd.proto.transmission import ServerTransmission
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
@@ -71,27 +71,6 @@ MAX_EVENTS = 100_000
 # -- exports ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeExport:
-    name: str
-    size: int = 1 << 20
-    description: str = ""
-    read_only: bool = False
-
-    def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
-        return transmission_flags(read_only=self.read_only, can_flush=True, can_fua=True,
-                                  can_fast_zero=True, multi_conn=True, structured=structured)
-
-
-class FakeCatalog:
-    def __init__(self, *exports: FakeExport) -> None:
-        self._exports = {export.name: export for export in exports}
-
-    def lookup(self, name: str) -> FakeExport | None:
-        return self._exports.get(name)
-
-    def list_exports(self) -> list[FakeExport]:
-        return list(self._exports.values())
 
 
 CATALOG = FakeCatalog(FakeExport(""), FakeExport("disk", 1 << 30, "a disk"),

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import TYPE_CHECKING
 
 import pytest
+from tests.support.fakes import FakeCatalog, FakeExport
 
 from pynbd.backends import MemoryBackend
 from pynbd.proto import wire
@@ -31,37 +33,14 @@ from pynbd.proto.constants import (
 from pynbd.proto.errors import ProtocolError
 from pynbd.proto.events import NEED_DATA, HandshakeClosed, HandshakeDone
 from pynbd.proto.handshake import ServerHandshake
-from pynbd.proto.negotiated import Negotiated, transmission_flags
 from pynbd.server.export import Export, ExportTable
+
+if TYPE_CHECKING:
+    from pynbd.proto.negotiated import Negotiated
 
 # -- a tiny in-test catalog -------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeExport:
-    """Implements the ExportView protocol with qemu's flag policy."""
-
-    name: str
-    size: int = 1 << 20
-    description: str = ""
-    read_only: bool = False
-    multi_conn: bool = True
-
-    def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
-        return transmission_flags(read_only=self.read_only, can_flush=True, can_fua=True,
-                                  can_fast_zero=True, multi_conn=self.multi_conn,
-                                  structured=structured)
-
-
-class FakeCatalog:
-    def __init__(self, *exports: FakeExport) -> None:
-        self._exports = {export.name: export for export in exports}
-
-    def lookup(self, name: str) -> FakeExport | None:
-        return self._exports.get(name)
-
-    def list_exports(self) -> list[FakeExport]:
-        return list(self._exports.values())
 
 
 DEFAULT = FakeExport("", size=1 << 20)

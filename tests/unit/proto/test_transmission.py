@@ -13,6 +13,7 @@ import struct
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.support.fakes import FakeCatalog, FakeExport
 
 from pynbd.proto import wire
 from pynbd.proto.constants import (
@@ -36,7 +37,7 @@ from pynbd.proto.constants import (
 from pynbd.proto.errors import ProtocolError
 from pynbd.proto.events import NEED_DATA, Disconnect, HandshakeDone, InvalidRequest, Request
 from pynbd.proto.handshake import ServerHandshake
-from pynbd.proto.negotiated import Negotiated, transmission_flags
+from pynbd.proto.negotiated import Negotiated
 from pynbd.proto.transmission import ServerTransmission
 
 if TYPE_CHECKING:
@@ -45,32 +46,6 @@ if TYPE_CHECKING:
 # -- exports and negotiation -------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeExport:
-    """An ExportView with qemu's flag policy, or fixed flags if ``fixed`` is set."""
-
-    name: str
-    size: int = 1 << 20
-    description: str = ""
-    read_only: bool = False
-    fixed: TransmissionFlag | None = None
-
-    def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
-        if self.fixed is not None:
-            return self.fixed
-        return transmission_flags(read_only=self.read_only, can_flush=True, can_fua=True,
-                                  can_fast_zero=True, multi_conn=True, structured=structured)
-
-
-class FakeCatalog:
-    def __init__(self, *exports: FakeExport) -> None:
-        self._exports = {export.name: export for export in exports}
-
-    def lookup(self, name: str) -> FakeExport | None:
-        return self._exports.get(name)
-
-    def list_exports(self) -> list[FakeExport]:
-        return list(self._exports.values())
 
 
 SIZE = 1 << 20
