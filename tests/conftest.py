@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -109,13 +107,3 @@ def raw_image(tmp_path: Path) -> Callable[[int], Path]:
     return make
 
 
-def require_tool(name: str) -> str:
-    """Path of an interop tool; the suite fails (does not skip) when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run the README's test command, "
-                    "which installs every test dependency")
-    return path
-
-
-os.environ.setdefault("LIBNBD_DEBUG", "0")

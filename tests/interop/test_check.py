@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import nbd
 import pytest
+from tests.support.interop import require_tool as tool
 
 from pynbd.client import (
     ConnectError,
@@ -49,15 +50,6 @@ RUN_TIMEOUT = 90.0
 START_TIMEOUT = 20.0
 BROKEN_SERVER = Path(__file__).resolve().parents[1] / "support" / "broken_server.py"
 COUNT_KEYS = {"read", "write", "write_fua", "zero", "trim", "flush"}
-
-
-def tool(name: str) -> str:
-    import shutil
-
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed")
-    return path
 
 
 def check(*args: str) -> subprocess.CompletedProcess[str]:

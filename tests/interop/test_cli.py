@@ -13,7 +13,6 @@ import json
 import os
 import re
 import selectors
-import shutil
 import signal
 import socket
 import stat
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import nbd
 import pytest
+from tests.support.interop import require_tool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -127,17 +127,6 @@ def session(uri: str) -> None:
         assert h.pread(4096, 8192) == data
     finally:
         h.shutdown()
-
-
-def require_tool(name: str) -> str:
-    """Path of an interop tool; the test fails (does not skip) when it is missing.
-
-    (Same rule as conftest's helper, which test modules cannot import.)
-    """
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed")
-    return path
 
 
 def pid_alive(pid: int) -> bool:

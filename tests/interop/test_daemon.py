@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import nbd
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
+from tests.support.interop import bounded as _bounded
 
 from pynbd.qmp.protocol import MAX_LINE
 
@@ -40,6 +41,11 @@ MiB = 1 << 20
 START_TIMEOUT = 20.0
 #: bound for one QMP exchange, one libnbd call, one event
 T = 10.0
+
+
+def bounded(fn: Callable[..., Any], *args: Any, timeout: float = T) -> Any:
+    """``tests.support.interop.bounded`` with this module's default timeout."""
+    return _bounded(fn, *args, timeout=timeout)
 #: bound for the daemon to exit after SIGTERM or quit
 EXIT_TIMEOUT = 20.0
 #: bound for retrying while the server has not yet noticed that a client left
@@ -219,27 +225,6 @@ def unix_addr(path: str) -> dict[str, Any]:
 
 
 # -- libnbd helpers ----------------------------------------------------------------------
-
-
-def bounded(fn: Callable[..., Any], *args: Any, timeout: float = T) -> Any:
-    """Call ``fn(*args)`` in a helper thread; fail the test if it hangs."""
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, fn(*args)))
-        except BaseException as err:  # handed to the test thread
-            outcome.append((False, err))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} hung for more than {timeout} s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 def nbd_open(uri: str) -> Any:

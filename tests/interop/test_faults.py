@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import errno
 import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import nbd
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
+from tests.support.interop import bounded as _bounded
+from tests.support.interop import require_tool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -36,6 +36,11 @@ KiB = 1 << 10
 MiB = 1 << 20
 #: bound for one libnbd call, one QMP exchange, one tool run
 T = 20.0
+
+
+def bounded(fn: Callable[..., Any], *args: Any, timeout: float = T) -> Any:
+    """``tests.support.interop.bounded`` with this module's default timeout."""
+    return _bounded(fn, *args, timeout=timeout)
 #: bound for the daemon to start
 START_TIMEOUT = 20.0
 
@@ -44,35 +49,6 @@ ServerFactory = Callable[..., Any]
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def bounded(fn: Callable[..., Any], *args: Any, timeout: float = T) -> Any:
-    """Call ``fn(*args)`` in a helper thread; fail the test if it hangs."""
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, fn(*args)))
-        except BaseException as err:  # handed to the test thread
-            outcome.append((False, err))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} hung for more than {timeout} s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
-
-
-def require_tool(name: str) -> str:
-    """Path of an interop tool; the test fails (does not skip) when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run the README's test command")
-    return path
 
 
 def nbd_open(uri: str) -> Any:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from qemu.qmp import ExecuteError, QMPClient
+from tests.support.interop import require_tool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -99,14 +100,6 @@ class RunningServer(Endpoint, Protocol):
 
 if TYPE_CHECKING:
     ServerFactory = Callable[..., RunningServer]
-
-
-def require_tool(name: str) -> str:
-    """Path of a client tool; the test fails (never skips) when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed")
-    return path
 
 
 # -- certificates --------------------------------------------------------------------------

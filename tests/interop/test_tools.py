@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import nbd
 import pytest
+from tests.support.interop import require_tool as tool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -33,14 +33,6 @@ MiB = 1024 * KiB
 
 #: the sparse layout the map tests write: (offset, length) of each data range
 SPARSE_DATA = ((1 * MiB, 64 * KiB), (8 * MiB, 1 * MiB))
-
-
-def tool(name: str) -> str:
-    """Path of a client tool; the test fails (never skips) when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed")
-    return path
 
 
 def run(args: Sequence[str], *, check: bool = True,
