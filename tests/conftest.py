@@ -14,6 +14,8 @@ import pytest
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tests.support.ceph import CephCluster
+
 #: every server start waits at most this long for the URI line
 START_TIMEOUT = 20.0
 
@@ -107,3 +109,15 @@ def raw_image(tmp_path: Path) -> Callable[[int], Path]:
     return make
 
 
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """One real single-node Ceph cluster for the whole session (tests/support/ceph.py)."""
+    from tests.support.ceph import CephCluster
+
+    cluster = CephCluster.start(tmp_path_factory.mktemp("ceph") / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 10809
 MEMORY_PREFIX = "memory:"
+RBD_PREFIX = "rbd:"
 
 
 class UsageError(Exception):
@@ -73,6 +74,8 @@ class Config:
     #: --fault specs, as given (parsed again for each backend: rules keep hit counts)
     faults: tuple[str, ...] = ()
     fault_seed: int | None = None
+    #: rbd images: "auto" (librbd passes the exclusive lock on demand) or "exclusive"
+    rbd_lock: str = "auto"
 
 
 def _nonneg_int(text: str) -> int:
@@ -119,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pynbd", description="Export a disk image over NBD "
                 "(command line compatible with qemu-nbd).")
     p.add_argument("image", metavar="IMAGE",
-                   help="raw image file or block device, or memory:SIZE for a RAM disk")
+                   help="raw image file or block device, memory:SIZE for a RAM disk, or "
+                   "rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] for a Ceph RBD image")
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
     p.add_argument("-e", "--shared", type=_shared, default=1, metavar="NUM",
                    help="allow NUM simultaneous clients (default 1, 0 = unlimited)")
@@ -141,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the image starting at this byte offset")
     p.add_argument("--discard", choices=("ignore", "unmap", "off", "on"), default="ignore",
                    help="ignore (default) or unmap (pass trims to the image)")
+    p.add_argument("--rbd-lock", choices=("auto", "exclusive"), default="auto",
+                   help="rbd: images: auto (default; writers share the image, librbd passes "
+                   "its exclusive lock on demand) or exclusive (take the lock and keep it: "
+                   "the only writer, other gateways read-only)")
     p.add_argument("--fork", action="store_true",
                    help="run in the background once the server is ready")
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
@@ -260,7 +268,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         image=ns.image, read_only=ns.read_only, shared=ns.shared, persistent=ns.persistent,
         export_name=ns.export_name, description=ns.description, port=ns.port,
         bind=ns.bind, socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
-        discard=discard, fork=ns.fork, pid_file=ns.pid_file, verbose=ns.verbose,
+        rbd_lock=ns.rbd_lock, discard=discard, fork=ns.fork, pid_file=ns.pid_file,
+        verbose=ns.verbose,
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
         tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed)
 
@@ -275,6 +284,19 @@ def _fault_rules(specs: Sequence[str]) -> list[FaultRule]:
     return rules
 
 
+def _open_rbd(config: Config) -> Backend:
+    from .backends.rbd import RbdBackend, RbdSpecError, RbdUnavailable, parse_rbd_filename
+
+    try:
+        spec = parse_rbd_filename(config.image)
+        return RbdBackend(spec, read_only=config.read_only, lock=config.rbd_lock,
+                          discard=config.discard == "unmap")
+    except (RbdSpecError, RbdUnavailable) as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(str(err.strerror)) from None
+
+
 def open_backend(config: Config) -> Backend:
     """Open the image the config names; ``UsageError`` for a bad spec."""
     backend: Backend
@@ -284,6 +306,8 @@ def open_backend(config: Config) -> Backend:
         except ValueError as err:
             raise UsageError(f"bad memory disk size: {err}") from None
         backend = MemoryBackend(size)
+    elif config.image.startswith(RBD_PREFIX):
+        backend = _open_rbd(config)
     else:
         try:
             backend = FileBackend(config.image, read_only=config.read_only,
@@ -389,6 +413,14 @@ def _signal_ready() -> None:
         _ready_fd = None
 
 
+def _signal_failed(message: str) -> None:
+    global _ready_fd
+    if _ready_fd is not None:
+        os.write(_ready_fd, b"error:" + message.encode()[:4000])
+        os.close(_ready_fd)
+        _ready_fd = None
+
+
 def raise_fd_limit() -> None:
     """Let the server hold as many connections as the hard limit allows.
 
@@ -411,15 +443,26 @@ def run(config: Config) -> int:
         logging.INFO if config.verbose else logging.WARNING,
         format="pynbd: %(message)s")
     raise_fd_limit()
-    backend = open_backend(config)
+    # librados's threads do not survive fork(): with --fork, the child opens rbd images
+    defer_open = config.fork and config.image.startswith(RBD_PREFIX)
+    backend = None if defer_open else open_backend(config)
     sock = bind_socket(config)
     if config.print_uri:
         print(export_uri(config, sock), flush=True)
     if config.fork:
         ready = _fork()
         if ready is not None:  # the parent: wait for the child, leave everything to it
-            ok = os.read(ready, 2) == b"ok"
-            os._exit(0 if ok else 1)
+            answer = os.read(ready, 4096)
+            if answer.startswith(b"error:"):
+                print(f"pynbd: {answer[6:].decode(errors='replace')}", file=sys.stderr)
+                os._exit(2)
+            os._exit(0 if answer == b"ok" else 1)
+    if backend is None:
+        try:
+            backend = open_backend(config)
+        except UsageError as err:
+            _signal_failed(str(err))
+            raise
     try:
         if config.pid_file:
             with open(config.pid_file, "w") as fh:

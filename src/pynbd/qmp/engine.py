@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -87,6 +88,11 @@ _FILE = s.Struct({"filename": str, "discard": s.Enum(("ignore", "unmap")),
 _RAW = s.Struct({"file": object, "offset": int, "size": int, "discard": s.Enum(
     ("ignore", "unmap"))}, frozenset({"offset", "size", "discard"}))
 _MEMORY = s.Struct({"size": int})
+# qemu's BlockdevOptionsRbd members pynbd supports, plus x-lock (pynbd's --rbd-lock)
+_RBD = s.Struct({"pool": str, "namespace": str, "image": str, "conf": str, "snapshot": str,
+                 "user": str, "discard": s.Enum(("ignore", "unmap")),
+                 "x-lock": s.Enum(("auto", "exclusive"))},
+                frozenset({"namespace", "conf", "snapshot", "user", "discard", "x-lock"}))
 _COMMON = {"node-name": str, "read-only": bool}
 
 
@@ -98,6 +104,7 @@ BLOCKDEV_ADD = s.Union_("driver", {
     "file": _node_variant(_FILE),
     "raw": _node_variant(_RAW),
     "memory": _node_variant(_MEMORY),
+    "rbd": _node_variant(_RBD),
 })
 _INET = s.Struct({"host": str, "port": str, "ipv4": bool, "ipv6": bool},
                  frozenset({"ipv4", "ipv6"}))
@@ -303,6 +310,8 @@ async def _add_node(engine: Engine, args: dict[str, JSON]) -> Node:
         if args["size"] < 0:
             raise generic_error("Parameter 'size' must not be negative")
         node = Node(name, "memory", MemoryBackend(args["size"]), read_only)
+    elif driver == "rbd":
+        node = await _rbd_node(name, args, read_only)
     else:
         node = await _raw_node(engine, name, args, read_only)
     if name in engine.nodes:  # an inline child took the name
@@ -310,6 +319,27 @@ async def _add_node(engine: Engine, args: dict[str, JSON]) -> Node:
     node.backend = FaultBackend(node.backend)
     engine.nodes[name] = node
     return node
+
+
+async def _rbd_node(name: str, args: dict[str, JSON], read_only: bool) -> Node:
+    from ..backends.rbd import RbdBackend, RbdSpec, RbdUnavailable
+
+    spec = RbdSpec(pool=args["pool"], image=args["image"], namespace=args.get("namespace", ""),
+                   snapshot=args.get("snapshot"), conf=args.get("conf"), user=args.get("user"))
+    if spec.snapshot is not None and not read_only:
+        raise generic_error(f"Snapshot '{spec.snapshot}' is read-only; add the node with "
+                            "'read-only': true")
+    # connecting to the cluster blocks: keep the QMP loop (and every export) running
+    opener = functools.partial(RbdBackend, spec, read_only=read_only,
+                               lock=args.get("x-lock", "auto"),
+                               discard=args.get("discard") == "unmap")
+    try:
+        backend = await asyncio.get_running_loop().run_in_executor(None, opener)
+    except RbdUnavailable as err:
+        raise generic_error(str(err)) from None
+    except OSError as err:
+        raise generic_error(str(err.strerror or err)) from None
+    return Node(name, "rbd", backend, read_only, filename=f"rbd:{spec.name}")
 
 
 async def _raw_node(engine: Engine, name: str, args: dict[str, JSON],

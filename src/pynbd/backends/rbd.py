@@ -1,0 +1,421 @@
+"""A Ceph RBD image through Ceph's own Python bindings (``rados``, ``rbd``).
+
+Rules of this module:
+- ``rados`` and ``rbd`` are imported lazily, when an image is opened: they
+  exist only as Debian's python3-rados/python3-rbd (no wheel), so pynbd runs
+  without them and says in one line what is missing when an rbd: image is
+  asked for (``RbdUnavailable``).
+- One ``rbd.Image`` per backend, shared by every connection: a completed
+  write is visible to the next read from anyone in this process, and a flush
+  covers every completed write.  Across processes (several gateways on one
+  image) the same holds only without librbd's client cache, so the image is
+  opened with ``rbd_cache=false`` unless the spec sets ``rbd_cache``
+  itself; with a client cache on, the backend does not offer multi-conn.
+- I/O is asynchronous without a thread per request: librbd's ``aio_*`` calls
+  complete on librbd's own threads, which hand the result to the event loop
+  with ``call_soon_threadsafe``.  Only calls that librbd offers solely as
+  blocking ones (``diff_iterate`` for block status, open and close) run in a
+  small thread pool.
+- NBD maps onto RBD as: WRITE_ZEROES to ``write_zeroes`` (thick when the
+  client forbids holes: a small librbd discard does not zero), TRIM to
+  discard, FLUSH to flush, block status from ``diff_iterate`` (unreported
+  ranges are holes), size from the image.  librbd's negative return codes
+  become ``OSError`` with that errno (EROFS for a read-only image or
+  snapshot, ESHUTDOWN for a blocklisted client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+from .base import Backend, Capabilities, Extent, ExtentFlags, FastZeroUnsupported
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+PREFIX = "rbd:"
+
+#: ``block_status`` looks at most this far ahead per call (``diff_iterate``
+#: costs one OSD round trip per object in range).
+STATUS_WINDOW = 64 << 20
+
+#: librbd's ``RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`` (librbd.h)
+_THICK_PROVISION = 1
+
+#: Seconds to wait for the monitors before giving up at open, unless the spec
+#: sets ``client_mount_timeout`` itself (librbd's own default is 300 s).
+DEFAULT_MOUNT_TIMEOUT = 15
+
+#: open, close and block status (the blocking librbd calls) run here
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pynbd-rbd")
+
+
+class RbdUnavailable(RuntimeError):
+    """The ``rados``/``rbd`` Python bindings are not installed."""
+
+
+class RbdSpecError(ValueError):
+    """An ``rbd:`` image spec that cannot be parsed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RbdSpec:
+    """Where an RBD image is: qemu's ``rbd:`` filename, or its blockdev options."""
+
+    pool: str
+    image: str
+    namespace: str = ""
+    snapshot: str | None = None
+    conf: str | None = None
+    user: str | None = None
+    #: other ``key=value`` pairs, passed to librados's configuration
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        ns = f"{self.namespace}/" if self.namespace else ""
+        snap = f"@{self.snapshot}" if self.snapshot else ""
+        return f"{self.pool}/{ns}{self.image}{snap}"
+
+    @property
+    def cache_requested(self) -> bool:
+        """True when the spec turns librbd's client cache on."""
+        for key, value in self.options:
+            if key.replace("-", "_") == "rbd_cache":
+                return value.strip().lower() in ("true", "1", "yes", "on")
+        return False
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """Split at ``sep`` not preceded by a backslash; backslashes escape anything."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            current.append(text[i:i + 2])
+            i += 2
+            continue
+        if ch == sep:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append(text[i + 1])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_rbd_filename(filename: str) -> RbdSpec:
+    """Parse qemu's ``rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:KEY=VALUE...]``.
+
+    ``conf`` and ``id`` select the configuration file and the user; any other
+    key is a librados option (``rbd_cache=false``, ``mon_host=...``).  A
+    backslash escapes ``:``, ``@``, ``/`` and itself, as in qemu.
+    """
+    if not filename.startswith(PREFIX):
+        raise RbdSpecError(f"not an rbd image spec (expected {PREFIX}POOL/IMAGE): {filename!r}")
+    fields = _split_unescaped(filename[len(PREFIX):], ":")
+    path, pairs = fields[0], fields[1:]
+    at = _split_unescaped(path, "@")
+    if len(at) > 2:
+        raise RbdSpecError(f"rbd spec {filename!r}: more than one '@' before the options")
+    snapshot = _unescape(at[1]) if len(at) == 2 else None
+    if snapshot == "":
+        raise RbdSpecError(f"rbd spec {filename!r}: empty snapshot name after '@'")
+    names = [_unescape(p) for p in _split_unescaped(at[0], "/")]
+    if len(names) == 2:
+        pool, namespace, image = names[0], "", names[1]
+    elif len(names) == 3:
+        pool, namespace, image = names
+    else:
+        raise RbdSpecError(f"rbd spec {filename!r}: expected {PREFIX}POOL/IMAGE or "
+                           f"{PREFIX}POOL/NAMESPACE/IMAGE")
+    if not pool or not image:
+        raise RbdSpecError(f"rbd spec {filename!r}: the pool and image names must not be empty")
+    conf = user = None
+    options: list[tuple[str, str]] = []
+    for pair in pairs:
+        kv = _split_unescaped(pair, "=")
+        if len(kv) < 2 or not kv[0]:
+            raise RbdSpecError(f"rbd spec {filename!r}: option {pair!r} is not KEY=VALUE")
+        key, value = _unescape(kv[0]), _unescape("=".join(kv[1:]))
+        if key == "conf":
+            conf = value
+        elif key == "id":
+            user = value
+        else:
+            options.append((key, value))
+    return RbdSpec(pool=pool, image=image, namespace=namespace, snapshot=snapshot, conf=conf,
+                   user=user, options=tuple(options))
+
+
+def _bindings() -> tuple[Any, Any]:
+    try:
+        rados = importlib.import_module("rados")
+        rbd = importlib.import_module("rbd")
+    except ImportError as exc:
+        raise RbdUnavailable(
+            "rbd images need Ceph's Python bindings (Debian: apt install python3-rados "
+            f"python3-rbd, and run pynbd with /usr/bin/python3): {exc}") from None
+    return rados, rbd
+
+
+def _oserror(exc: BaseException, what: str) -> OSError:
+    code = getattr(exc, "errno", None)
+    if not isinstance(code, int) or code <= 0:
+        code = errno.EIO
+    return OSError(code, f"{what}: {exc}")
+
+
+class RbdBackend(Backend):
+    """An RBD image, opened once and shared by every connection.
+
+    ``lock``: ``"auto"`` lets librbd pass an image's exclusive lock between
+    writers on demand (the image needs no exclusive-lock feature for several
+    writable gateways at all); ``"exclusive"`` takes the lock at open and
+    keeps it, so this gateway is the only writer and others must be
+    read-only.
+    """
+
+    def __init__(self, spec: RbdSpec, *, read_only: bool = False, lock: str = "auto",
+                 discard: bool = True) -> None:
+        if lock not in ("auto", "exclusive"):
+            raise ValueError(f"rbd lock mode must be 'auto' or 'exclusive', got {lock!r}")
+        rados, rbd = _bindings()
+        self.spec = spec
+        self._rbd = rbd
+        self.read_only = read_only or spec.snapshot is not None
+        self.discard = discard
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        self._image: Any = None
+        try:
+            self._image = self._open(rados, rbd, lock)
+        except BaseException:
+            self._close_now()
+            raise
+        self.size = int(self._image.size())
+        features = int(self._image.features())
+        self.lock = lock
+        self.exclusive_lock_feature = bool(features & rbd.RBD_FEATURE_EXCLUSIVE_LOCK)
+        self.client_cache = spec.cache_requested
+        writable = not self.read_only
+        self.capabilities = Capabilities(
+            can_write=writable, can_flush=writable, can_fua=writable,
+            can_trim=writable and discard, can_zero=writable,
+            can_fast_zero=writable and discard, can_cache=False, can_extents=True,
+            # a client cache private to this process breaks the promise across gateways
+            can_multi_conn=not self.client_cache)
+
+    def _open(self, rados: Any, rbd: Any, lock: str) -> Any:
+        """Connect, open the pool and the image (and take its lock); return the image."""
+        self._cluster = self._connect(rados)
+        spec = self.spec
+        try:
+            self._ioctx = self._cluster.open_ioctx(spec.pool)
+        except rados.ObjectNotFound:
+            raise OSError(errno.ENOENT, f"rbd: pool {spec.pool!r} does not exist") from None
+        except rados.Error as exc:
+            raise _oserror(exc, f"rbd: cannot open pool {spec.pool!r}") from None
+        if spec.namespace:
+            self._ioctx.set_namespace(spec.namespace)
+        try:
+            image = rbd.Image(self._ioctx, spec.image, snapshot=spec.snapshot,
+                              read_only=self.read_only)
+        except rbd.ImageNotFound:
+            what = (f"image {spec.image!r} or its snapshot {spec.snapshot!r}" if spec.snapshot
+                    else f"image {spec.image!r}")
+            raise OSError(errno.ENOENT, f"rbd: {what} not found in pool "
+                          f"{spec.pool!r}") from None
+        except rbd.Error as exc:
+            raise _oserror(exc, f"rbd: cannot open image {spec.name}") from None
+        self._image = image  # closed by the caller if taking the lock fails
+        if lock == "exclusive" and not self.read_only:
+            try:
+                image.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+            except rbd.Error as exc:
+                raise _oserror(exc, f"rbd: cannot take the exclusive lock of {spec.name} "
+                               "(another gateway holds it?)") from None
+        return image
+
+    def _connect(self, rados: Any) -> Any:
+        """A connected ``rados.Rados`` with the spec's configuration (and pynbd's defaults)."""
+        spec = self.spec
+        if spec.conf is not None and not os.path.exists(spec.conf):
+            raise OSError(errno.ENOENT, f"rbd: Ceph configuration file {spec.conf!r} not found")
+        cluster = rados.Rados(rados_id=spec.user)
+        self._cluster = cluster  # closed by the caller if anything below fails
+        try:
+            if spec.conf is not None:
+                cluster.conf_read_file(spec.conf)
+            else:
+                # librados's default search path; having no file there is fine
+                with contextlib.suppress(rados.Error):
+                    cluster.conf_read_file()
+            # pynbd's defaults override the file; the spec overrides both
+            spec_keys = {k.replace("-", "_") for k, _ in spec.options}
+            if "rbd_cache" not in spec_keys:
+                cluster.conf_set("rbd_cache", "false")
+            if "client_mount_timeout" not in spec_keys:
+                cluster.conf_set("client_mount_timeout", str(DEFAULT_MOUNT_TIMEOUT))
+            for key, value in spec.options:
+                cluster.conf_set(key, value)
+        except rados.Error as exc:
+            raise _oserror(exc, f"rbd: bad Ceph configuration for {spec.name}") from None
+        try:
+            cluster.connect()
+        except rados.Error as exc:
+            where = f"the Ceph cluster of {spec.conf or 'the default ceph.conf'}"
+            timeout = cluster.conf_get("client_mount_timeout")
+            raise _oserror(exc, f"rbd: cannot connect to {where} (client_mount_timeout "
+                           f"{timeout} s)") from None
+        return cluster
+
+    # -- completions -------------------------------------------------------------------------
+
+    def _submit(self, start: Callable[[Callable[..., None]], object]) -> asyncio.Future[Any]:
+        """Start an aio call; the future gets its return value (and data, for reads)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def done(completion: Any, *data: Any) -> None:
+            # on a librbd thread: hand over to the loop, nothing else
+            loop.call_soon_threadsafe(_finish, future, completion.get_return_value(), data)
+
+        try:
+            start(done)
+        except self._rbd.Error as exc:
+            future.cancel()
+            raise _oserror(exc, "rbd") from None
+        return future
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        length = len(buf)
+        if length == 0:
+            return
+        result, data = await self._submit(
+            lambda cb: self._image.aio_read(offset, length, cb))
+        got = data[0] if data else b""
+        if result < 0:
+            raise OSError(-result, f"rbd read at {offset}: {os.strerror(-result)}")
+        buf[:len(got)] = got
+        if len(got) < length:  # past a shrunk image's end: zeroes
+            buf[len(got):] = bytes(length - len(got))
+
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None:
+        payload = data if isinstance(data, bytes | bytearray) else bytes(data)
+        if not payload:
+            return
+        result, _ = await self._submit(lambda cb: self._image.aio_write(payload, offset, cb))
+        _check(result, "write", offset)
+        if fua and self.client_cache:
+            await self.flush()
+
+    async def flush(self) -> None:
+        result, _ = await self._submit(self._image.aio_flush)
+        _check(result, "flush", 0)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        if length == 0 or not self.discard:
+            return
+        result, _ = await self._submit(lambda cb: self._image.aio_discard(offset, length, cb))
+        _check(result, "discard", offset)
+        if fua and self.client_cache:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
+                           fast: bool = False, fua: bool = False) -> None:
+        # as qemu's rbd driver: a thin (discard-based) zero only when holes are allowed
+        thin = may_trim and self.discard
+        if fast and not thin:
+            # thick zeroing writes every byte: never fast
+            raise FastZeroUnsupported("rbd: zeroing without holes writes every byte")
+        if length == 0:
+            return
+        flags = 0 if thin else _THICK_PROVISION
+        result, _ = await self._submit(lambda cb: self._image.aio_write_zeroes(
+            offset, length, cb, zero_flags=flags))
+        _check(result, "write zeroes", offset)
+        if fua and self.client_cache:
+            await self.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        length = min(length, STATUS_WINDOW, self.size - offset)
+        runs: list[tuple[int, int]] = []
+
+        def collect() -> None:
+            self._image.diff_iterate(offset, length, None,
+                                     lambda off, ln, exists: runs.append((off, ln))
+                                     if exists else None)
+
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(_POOL, collect)
+        except self._rbd.Error as exc:
+            raise _oserror(exc, f"rbd block status at {offset}") from None
+        return _extents(offset, length, runs)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(_POOL, self._close_now)
+
+    def _close_now(self) -> None:
+        image, ioctx, cluster = self._image, self._ioctx, self._cluster
+        self._image = self._ioctx = self._cluster = None
+        # closing: errors leave nothing to save
+        for step in (image, ioctx):
+            if step is not None:
+                with contextlib.suppress(Exception):
+                    step.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.shutdown()
+
+
+def _finish(future: asyncio.Future[Any], result: int, data: tuple[Any, ...]) -> None:
+    if not future.done():
+        future.set_result((result, data))
+
+
+def _check(result: int, what: str, offset: int) -> None:
+    if result < 0:
+        raise OSError(-result, f"rbd {what} at {offset}: {os.strerror(-result)}")
+
+
+def _extents(offset: int, length: int, runs: list[tuple[int, int]]) -> list[Extent]:
+    """Turn ``diff_iterate``'s allocated runs into consecutive extents from ``offset``."""
+    extents: list[Extent] = []
+    pos, end = offset, offset + length
+    for start, run in sorted(runs):
+        start, stop = max(start, pos), min(start + run, end)
+        if stop <= start:
+            continue
+        if start > pos:
+            extents.append(Extent(start - pos, ExtentFlags.HOLE | ExtentFlags.ZERO))
+        if extents and extents[-1].flags == ExtentFlags.DATA:
+            extents[-1] = Extent(extents[-1].length + stop - start, ExtentFlags.DATA)
+        else:
+            extents.append(Extent(stop - start, ExtentFlags.DATA))
+        pos = stop
+    if pos < end:
+        extents.append(Extent(end - pos, ExtentFlags.HOLE | ExtentFlags.ZERO))
+    return extents

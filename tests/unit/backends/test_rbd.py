@@ -1,0 +1,183 @@
+"""RbdBackend: the backend contract against a real Ceph cluster, plus spec parsing.
+
+Every contract test gets a fresh RBD image of the exact size it asks for;
+``read_raw``/``write_raw`` go straight to the cluster through another librbd
+client, so they also prove that the backend keeps no private cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import re
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from tests.unit.backends.contract import BackendContract, pattern, read, run
+
+from pynbd.backends import Backend, ExtentFlags, FastZeroUnsupported
+from pynbd.backends.rbd import RbdBackend, RbdSpec, RbdSpecError, parse_rbd_filename
+
+if TYPE_CHECKING:
+    import pathlib
+
+    from tests.support.ceph import CephCluster
+
+MIB = 1 << 20
+
+
+class TestRbdBackend(BackendContract):
+    has_raw_access = True
+
+    @pytest.fixture(autouse=True)
+    def _cluster(self, ceph: CephCluster) -> None:
+        self.cluster = ceph
+
+    def make_backend(self, tmp_path: pathlib.Path, size: int) -> Backend:
+        name = self.cluster.new_image(size, prefix="contract")
+        return RbdBackend(parse_rbd_filename(self.cluster.spec(name)), discard=True)
+
+    def read_raw(self, backend: Backend, offset: int, length: int) -> bytes:
+        assert isinstance(backend, RbdBackend)
+        return self.cluster.read(backend.spec.image, offset, length)
+
+    def write_raw(self, backend: Backend, offset: int, data: bytes) -> None:
+        assert isinstance(backend, RbdBackend)
+        rados, rbd = importlib.import_module("rados"), importlib.import_module("rbd")
+        with rados.Rados(conffile=str(self.cluster.conf), conf={"rbd_cache": "false"}) as c, \
+                c.open_ioctx(self.cluster.pool) as ioctx, \
+                rbd.Image(ioctx, backend.spec.image) as img:
+            img.write(data, offset)
+
+
+def _backend(ceph: CephCluster, size: int = 8 * MIB, **kwargs: Any) -> RbdBackend:
+    return RbdBackend(parse_rbd_filename(ceph.spec(ceph.new_image(size))), **kwargs)
+
+
+def test_cache_off_by_default_and_multi_conn(ceph: CephCluster) -> None:
+    backend = _backend(ceph)
+    try:
+        assert backend._cluster.conf_get("rbd_cache") == "false"
+        assert backend.capabilities.can_multi_conn
+    finally:
+        run(backend.close())
+
+
+def test_client_cache_on_request_withdraws_multi_conn(ceph: CephCluster) -> None:
+    spec = parse_rbd_filename(ceph.spec(ceph.new_image(MIB), "rbd_cache=true"))
+    backend = RbdBackend(spec)
+    try:
+        assert backend._cluster.conf_get("rbd_cache") == "true"
+        assert not backend.capabilities.can_multi_conn
+    finally:
+        run(backend.close())
+
+
+def test_zeroes_without_holes_are_thick_and_never_fast(ceph: CephCluster) -> None:
+    backend = _backend(ceph, discard=True)
+
+    async def body() -> None:
+        await backend.pwrite(pattern(1, 4 * MIB), 0)
+        with pytest.raises(FastZeroUnsupported):
+            await backend.write_zeroes(0, MIB, may_trim=False, fast=True)
+        assert await read(backend, 0, MIB) == pattern(1, 4 * MIB)[:MIB]
+        await backend.write_zeroes(0, MIB, may_trim=False)
+        assert await read(backend, 0, MIB) == bytes(MIB)
+        # thick: still allocated
+        extents = await backend.block_status(0, MIB)
+        assert extents[0].flags == ExtentFlags.DATA
+        # thin, when holes are allowed: the 4 MiB object goes away
+        await backend.write_zeroes(0, 4 * MIB, may_trim=True, fast=True)
+        extents = await backend.block_status(0, 4 * MIB)
+        assert [(e.length, e.flags) for e in extents] == [
+            (4 * MIB, ExtentFlags.HOLE | ExtentFlags.ZERO)]
+        assert await read(backend, 0, 4 * MIB) == bytes(4 * MIB)
+
+    try:
+        run(body())
+    finally:
+        run(backend.close())
+
+
+def test_discard_off_makes_trim_a_no_op(ceph: CephCluster) -> None:
+    backend = _backend(ceph, discard=False)
+
+    async def body() -> None:
+        await backend.pwrite(b"x" * 4096, 0)
+        await backend.trim(0, 4096)
+        assert await read(backend, 0, 4096) == b"x" * 4096
+        with pytest.raises(FastZeroUnsupported):
+            await backend.write_zeroes(0, 4096, may_trim=True, fast=True)
+
+    try:
+        assert not backend.capabilities.can_trim
+        run(body())
+    finally:
+        run(backend.close())
+
+
+def test_snapshot_is_read_only_and_frozen(ceph: CephCluster) -> None:
+    name = ceph.new_image(MIB)
+    live = RbdBackend(parse_rbd_filename(ceph.spec(name)))
+    try:
+        run(live.pwrite(b"before" * 100, 0))
+        ceph.rbd("snap", "create", f"{ceph.pool}/{name}@s1")
+        run(live.pwrite(b"after!" * 100, 0))
+    finally:
+        run(live.close())
+    snap = RbdBackend(parse_rbd_filename(ceph.spec(f"{name}@s1")))
+    try:
+        assert snap.read_only
+        assert not snap.capabilities.can_write
+        assert run(read(snap, 0, 600)) == b"before" * 100
+        with pytest.raises(OSError, match="Read-only") as info:
+            run(snap.pwrite(b"x", 0))
+        assert info.value.errno == errno.EROFS
+    finally:
+        run(snap.close())
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("rbd:pool/nope:conf=/nonexistent.conf", "configuration file '/nonexistent.conf' not found"),
+    ("rbd:nopool/img:conf={conf}", "pool 'nopool' does not exist"),
+    ("rbd:rbd/missing-image:conf={conf}", "image 'missing-image' not found in pool 'rbd'"),
+    ("rbd:rbd/img:conf={conf}:mon_host=127.0.0.1\\:9:client_mount_timeout=1",
+     "cannot connect to the Ceph cluster"),
+])
+def test_open_errors_say_what_is_wrong(ceph: CephCluster, text: str, message: str) -> None:
+    with pytest.raises(OSError, match=re.escape(message)):
+        RbdBackend(parse_rbd_filename(text.format(conf=ceph.conf)))
+
+
+# -- qemu's rbd: filename syntax (no cluster needed) -----------------------------------------
+
+@pytest.mark.parametrize(("text", "spec"), [
+    ("rbd:pool/image", RbdSpec(pool="pool", image="image")),
+    ("rbd:pool/ns/image@snap", RbdSpec(pool="pool", namespace="ns", image="image",
+                                       snapshot="snap")),
+    ("rbd:p/i:conf=/etc/ceph/x.conf:id=admin",
+     RbdSpec(pool="p", image="i", conf="/etc/ceph/x.conf", user="admin")),
+    (r"rbd:p/i:mon_host=10.0.0.1\:6789:rbd_cache=true",
+     RbdSpec(pool="p", image="i", options=(("mon_host", "10.0.0.1:6789"),
+                                           ("rbd_cache", "true")))),
+    (r"rbd:p/we\:ird\@name", RbdSpec(pool="p", image="we:ird@name")),
+    ("rbd:p/i:key=a=b", RbdSpec(pool="p", image="i", options=(("key", "a=b"),))),
+])
+def test_parse_rbd_filename(text: str, spec: RbdSpec) -> None:
+    assert parse_rbd_filename(text) == spec
+
+
+@pytest.mark.parametrize("text", [
+    "rbd:", "rbd:pool", "rbd:/image", "rbd:pool/", "rbd:a/b/c/d", "rbd:p/i@", "rbd:p/i@a@b",
+    "rbd:p/i:novalue", "rbd:p/i:=v", "file.img",
+])
+def test_parse_rbd_filename_rejects(text: str) -> None:
+    with pytest.raises(RbdSpecError):
+        parse_rbd_filename(text)
+
+
+def test_cache_requested() -> None:
+    assert parse_rbd_filename("rbd:p/i:rbd_cache=true").cache_requested
+    assert parse_rbd_filename("rbd:p/i:rbd-cache=on").cache_requested
+    assert not parse_rbd_filename("rbd:p/i:rbd_cache=false").cache_requested
+    assert not parse_rbd_filename("rbd:p/i").cache_requested
