@@ -277,6 +277,10 @@ class ClientTransmission:
             raise ProtocolError(f"simple reply to cookie {cookie:#x} after structured chunks")
         if p.cmd == Cmd.READ and self.structured:
             raise ProtocolError("simple reply to READ after STRUCTURED_REPLY")
+        if p.cmd == Cmd.BLOCK_STATUS and error == 0:
+            # success means one status chunk per selected context (spec 6.4)
+            raise ProtocolError("simple success reply to BLOCK_STATUS, which needs status "
+                                "chunks")
         start = self._pos + wire.SIMPLE_REPLY.size
         data: bytes | None = None
         if p.cmd == Cmd.READ and error == 0:
