@@ -7,6 +7,12 @@ job, each server runs in turn (A B C D A B C D ...).  Server CPU is read from
 nbd-server's per-client children count) before and after each run.  Results:
 a table on stdout, ``results.json`` and, if matplotlib is importable,
 ``ratios.png`` in --out.  Servers are stopped by pid in a ``finally``.
+
+``--backends ...,rbd`` adds a Ceph RBD column (not in the default run): the
+script starts a throwaway one-OSD cluster in its temp dir (bench/rbdcluster.py,
+stopped in a ``finally``), imports the same image into one RBD image, and
+runs pynbd and qemu-nbd (the only servers here with RBD support) on that
+image; the OSD's CPU is measured next to the server's.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# the throwaway Ceph cluster for the rbd column (this script runs from bench/)
+import rbdcluster
+
 from pynbd.backends import parse_size
 
 if TYPE_CHECKING:
@@ -37,7 +46,10 @@ if TYPE_CHECKING:
 
 ALL_SERVERS = ("pynbd", "qemu-nbd", "nbdkit", "nbd-server")
 HAS_MEMORY = ("pynbd", "nbdkit")  # the others get a fresh sparse raw file instead
-ALL_BACKENDS = ("file", "memory")
+HAS_RBD = ("pynbd", "qemu-nbd")  # nbdkit and nbd-server have no RBD support here
+ALL_BACKENDS = ("file", "memory", "rbd")
+DEFAULT_BACKENDS = ("file", "memory")
+RBD_IMAGE = "bench"  # the image every rbd server exports, in the cluster's pool
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1 << 20
 READY_TIMEOUT = 20.0
@@ -87,16 +99,19 @@ class Sample:
     foreign_cores: float = 0.0
     lat_mean_us: float | None = None
     lat_p99_us: float | None = None
+    osd_cpu_s: float | None = None  # rbd: the Ceph OSD's CPU over the run
+    osd_cpu_us: float | None = None  # per I/O or per MiB, as cpu_us
 
 
 @dataclasses.dataclass
 class Server:
     name: str
-    backend: str  # file | memory | sparse (fresh sparse raw file)
+    backend: str  # file | memory | sparse (fresh sparse raw file) | rbd
     uri: str
     pid: int
     proc: subprocess.Popen[bytes] | None  # None: nbd-server daemonizes itself
     log: Path
+    osd_pid: int | None = None  # rbd: the cluster's OSD, whose CPU is measured too
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -155,11 +170,24 @@ def settle(server: Server) -> None:
 
 # -- servers -------------------------------------------------------------------------------
 
+def serves(name: str, backend: str) -> bool:
+    """Whether server ``name`` has a column for ``backend``."""
+    return {"file": True, "memory": name in HAS_MEMORY, "rbd": name in HAS_RBD}[backend]
+
+
 def server_command(name: str, backend: str, target: str, size: int, sock: Path,
                    workdir: Path, tag: str) -> list[str]:
+    """The command line; ``target`` is a raw file, or an ``rbd:`` spec for backend rbd.
+
+    rbd: neither server gets ``--discard`` (both ignore trims); qemu-nbd's
+    ``--cache=none`` turns librbd's client cache off, as pynbd does by default.
+    """
     if name == "pynbd":
         image = f"memory:{size}" if backend == "memory" else target
         return [sys.executable, "-m", "pynbd", "-t", "-e", "0", "-k", str(sock), image]
+    if name == "qemu-nbd" and backend == "rbd":
+        return ["qemu-nbd", "-f", "raw", "--cache=none", "-e", "8", "-t", "-k", str(sock),
+                target]
     if name == "qemu-nbd":
         return ["qemu-nbd", "-f", "raw", "-e", "8", "-t", "-k", str(sock),
                 "--cache=writeback", "--aio=threads", target]
@@ -173,7 +201,7 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
 
 
 def start_server(name: str, backend: str, target: str, size: int, workdir: Path,
-                 tag: str) -> Server:
+                 tag: str, osd_pid: int | None = None) -> Server:
     """Start one server and return once ``nbdinfo`` sees the export with the right size."""
     sock = workdir / f"{tag}.sock"
     sock.unlink(missing_ok=True)
@@ -183,7 +211,8 @@ def start_server(name: str, backend: str, target: str, size: int, workdir: Path,
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh,
                                 start_new_session=True)
     export = "bench" if name == "nbd-server" else ""
-    server = Server(name, backend, f"nbd+unix:///{export}?socket={sock}", proc.pid, proc, log)
+    server = Server(name, backend, f"nbd+unix:///{export}?socket={sock}", proc.pid, proc, log,
+                    osd_pid)
     try:
         if name == "nbd-server":  # it forks a daemon and writes its pid; the launcher exits
             if proc.wait(timeout=READY_TIMEOUT) != 0:
@@ -291,10 +320,12 @@ def measure(server: Server, cmd: list[str], timeout: float,
     """Run a client against ``server``: its output (None on failure) and a timed Sample.
 
     ``client_cpu_s`` is the client's CPU (it is our child); ``foreign_cores`` is
-    the host's busy CPU outside server and client, averaged over the run (noise).
+    the host's busy CPU outside server, client (and OSD), averaged over the run
+    (noise).  With an ``osd_pid`` the OSD's CPU is ``osd_cpu_s``.
     """
     if not pid_alive(server.pid):
         return None, Sample(rnd, False, "server not running")
+    osd0 = None if server.osd_pid is None else cpu_seconds(server.osd_pid)
     cpu0, host0, kids0 = cpu_seconds(server.pid), host_busy_seconds(), children_cpu_seconds()
     t0 = time.monotonic()
     try:
@@ -305,8 +336,10 @@ def measure(server: Server, cmd: list[str], timeout: float,
     client = children_cpu_seconds() - kids0
     settle(server)
     cpu = cpu_seconds(server.pid) - cpu0
+    osd = None if server.osd_pid is None or osd0 is None else cpu_seconds(server.osd_pid) - osd0
     sample = Sample(rnd, done.returncode == 0, seconds=seconds, cpu_s=cpu, client_cpu_s=client,
-                    foreign_cores=max(0.0, host - cpu - client) / seconds)
+                    foreign_cores=max(0.0, host - cpu - client - (osd or 0.0)) / seconds,
+                    osd_cpu_s=osd)
     if done.returncode != 0:
         sample.error = f"{cmd[0]} exit {done.returncode}: {done.stderr.strip()[-300:]}"
         return None, sample
@@ -331,6 +364,8 @@ def run_fio(server: Server, job: FioJob, runtime: int, size: int, rnd: int) -> S
     sample.mbps = sum(float(s["bw_bytes"]) for s in sections) / 1e6
     sample.cpu_us = sample.cpu_s * 1e6 / sample.total_ios
     sample.client_cpu_us = sample.client_cpu_s * 1e6 / sample.total_ios
+    if sample.osd_cpu_s is not None:
+        sample.osd_cpu_us = sample.osd_cpu_s * 1e6 / sample.total_ios
     sample.lat_mean_us = float(main["lat_ns"]["mean"]) / 1e3
     sample.lat_p99_us = None if p99 is None else float(p99) / 1e3
     return sample
@@ -344,6 +379,8 @@ def run_copy(server: Server, src: str, dst: str, size: int, rnd: int) -> Sample:
         sample.mbps = size / sample.seconds / 1e6
         sample.cpu_us = sample.cpu_s * 1e6 / (size / MIB)
         sample.client_cpu_us = sample.client_cpu_s * 1e6 / (size / MIB)
+        if sample.osd_cpu_s is not None:
+            sample.osd_cpu_us = sample.osd_cpu_s * 1e6 / (size / MIB)
     return sample
 
 
@@ -364,6 +401,29 @@ def copy_in(name: str, image: Path, size: int, workdir: Path, rnd: int) -> Sampl
     finally:
         stop_server(server)
         target.unlink(missing_ok=True)
+
+
+def copy_in_rbd(name: str, cluster: rbdcluster.Cluster, image: Path, size: int,
+                workdir: Path, rnd: int) -> Sample:
+    """Copy the image into a fresh RBD image (layering only, ``size`` bytes) served by ``name``.
+
+    Each server and round gets its own image, removed afterwards, so every copy
+    writes into objects that do not exist yet, as the first copy would.
+    """
+    target = f"copy-in-{name}-{rnd}"
+    rbdcluster.create_image(cluster, target, size)
+    try:
+        server = start_server(name, "rbd", cluster.spec(target), size, workdir,
+                              f"{name}-rbd-in-{rnd}", cluster.osd_pid)
+        try:
+            return run_copy(server, str(image), server.uri, size, rnd)
+        finally:
+            stop_server(server)
+    finally:
+        try:
+            rbdcluster.remove_image(cluster, target, size)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:  # the copy's result stands
+            print(f"warning: cannot remove rbd image {target}: {err}", flush=True)
 
 
 def copy_out(server: Server, size: int, workdir: Path, rnd: int) -> Sample:
@@ -407,17 +467,29 @@ def summarize(results: dict[tuple[str, str], dict[str, list[Sample]]]) -> list[d
                 "foreign_cores": _median([s.foreign_cores for s in good]),
                 "failures": [s.error for s in samples if not s.ok],
                 "samples": [dataclasses.asdict(s) for s in samples]}
+            osd = [s.osd_cpu_us for s in good if s.osd_cpu_us is not None]
+            if osd:  # rbd: the OSD's share, and server + OSD
+                servers[name]["osd_cpu_us"] = _median(osd)
+                servers[name]["cpu_with_osd_us"] = _median(
+                    [s.cpu_us + s.osd_cpu_us for s in good
+                     if s.cpu_us is not None and s.osd_cpu_us is not None])
         mine = servers.get("pynbd", {})
         others = [v for k, v in servers.items() if k != "pynbd"]
         best_thr = max((v["throughput"] for v in others if v["throughput"]), default=None)
         best_cpu = min((v["cpu_us"] for v in others if v["cpu_us"]), default=None)
-        rows.append({
+        row = {
             "job": job, "title": TITLES[job], "backend": backend, "unit": unit,
             "cpu_unit": "us/MiB" if job in COPY_JOBS else "us/IO", "servers": servers,
             "ratio_throughput": (mine["throughput"] / best_thr
                                  if mine.get("throughput") and best_thr else None),
             "ratio_cpu": (best_cpu / mine["cpu_us"]
-                          if mine.get("cpu_us") and best_cpu else None)})
+                          if mine.get("cpu_us") and best_cpu else None)}
+        if any("cpu_with_osd_us" in v for v in servers.values()):
+            best_all = min((v["cpu_with_osd_us"] for v in others
+                            if v.get("cpu_with_osd_us")), default=None)
+            row["ratio_cpu_with_osd"] = (best_all / mine["cpu_with_osd_us"]
+                                         if mine.get("cpu_with_osd_us") and best_all else None)
+        rows.append(row)
     return rows
 
 
@@ -443,7 +515,8 @@ def format_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
             if cell is None:
                 line += f"| {'n/a':>10} {'':>7} "
                 continue
-            mark = "*" if row["job"] == "nbdcopy-in" and name not in HAS_MEMORY else ""
+            mark = ("*" if row["job"] == "nbdcopy-in" and row["backend"] == "memory"
+                    and name not in HAS_MEMORY else "")
             thr = "FAIL" if cell["throughput"] is None else _fmt_thr(cell["throughput"],
                                                                       row["unit"]) + mark
             line += f"| {thr:>10} {_fmt(cell['cpu_us'], '.1f'):>7} "
@@ -458,9 +531,35 @@ def format_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
         lines.append(f"background load (host CPU busy outside server and client, cores): "
                      f"median {statistics.median(noise):.2f}, max {max(noise):.2f} of "
                      f"{os.cpu_count()}" + ("  <- noisy host" if max(noise) > 0.25 else ""))
-    if any(r["job"] == "nbdcopy-in" for r in rows):
+    if any(r["job"] == "nbdcopy-in" and r["backend"] == "memory" for r in rows):
         lines.append("nbdcopy-in targets: pynbd memory:SIZE, nbdkit memory SIZE; "
                      "* = no memory backend, fresh sparse raw file instead.")
+    if any(r["backend"] == "rbd" for r in rows):
+        lines.append("rbd: pynbd and qemu-nbd (--cache=none) on the same RBD image, no "
+                     "--discard for either; nbdcopy-in: a fresh image per server and round; "
+                     "n/a: no RBD support.")
+        lines += ["", osd_table(rows, [n for n in servers if n in HAS_RBD])]
+    return "\n".join(lines)
+
+
+def osd_table(rows: list[dict[str, Any]], servers: list[str]) -> str:
+    """rbd rows: each server's CPU, the Ceph OSD's CPU during its runs, and their sum."""
+    head = f"{'rbd job':<31}{'cpu unit':<9}"
+    head += "".join(f"| {name:>8} {'osd':>7} {'sum':>7} " for name in servers)
+    head += "| best/pynbd sum"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        if row["backend"] != "rbd":
+            continue
+        line = f"{row['title']:<31}{row['cpu_unit']:<9}"
+        for name in servers:
+            cell = row["servers"].get(name, {})
+            line += (f"| {_fmt(cell.get('cpu_us'), '.1f'):>8} "
+                     f"{_fmt(cell.get('osd_cpu_us'), '.1f'):>7} "
+                     f"{_fmt(cell.get('cpu_with_osd_us'), '.1f'):>7} ")
+        lines.append(line + f"| {_fmt(row.get('ratio_cpu_with_osd'), '.2f'):>14}")
+    lines.append("osd = the Ceph OSD's CPU during that server's runs (librbd hands it part "
+                 "of the work); sum = server + osd.")
     return "\n".join(lines)
 
 
@@ -474,18 +573,23 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
         return "matplotlib not installed: no chart"
     backends = sorted({r["backend"] for r in rows})
     jobs = list(dict.fromkeys(r["job"] for r in rows))
+    # (label, backend, key) per bar series; rbd's CPU also counted with the OSD's
+    thr = [(b, b, "ratio_throughput") for b in backends]
+    cpu = [(b, b, "ratio_cpu") for b in backends]
+    if any(r.get("ratio_cpu_with_osd") for r in rows):
+        cpu.append(("rbd incl. osd", "rbd", "ratio_cpu_with_osd"))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, len(jobs) * 1.1), 8), sharex=True)
-    width = 0.8 / max(1, len(backends))
-    for ax, key, label in ((axes[0], "ratio_throughput", "throughput: pynbd / best other"),
-                           (axes[1], "ratio_cpu", "CPU per I/O: best other / pynbd")):
-        for i, backend in enumerate(backends):
-            by_job = {r["job"]: r[key] for r in rows if r["backend"] == backend}
-            xs = [j + i * width for j in range(len(jobs))]
-            ax.bar(xs, [by_job.get(job) or 0.0 for job in jobs], width, label=backend)
+    width = 0.8 / max(len(thr), len(cpu), 1)
+    for ax, series, label in ((axes[0], thr, "throughput: pynbd / best other"),
+                              (axes[1], cpu, "CPU per I/O: best other / pynbd")):
+        for i, (name, backend, key) in enumerate(series):
+            by_job = {r["job"]: r.get(key) for r in rows if r["backend"] == backend}
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(jobs))]
+            ax.bar(xs, [by_job.get(job) or 0.0 for job in jobs], width, label=name)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylabel(label)
         ax.legend()
-    axes[1].set_xticks([j + width * (len(backends) - 1) / 2 for j in range(len(jobs))])
+    axes[1].set_xticks(list(range(len(jobs))))
     axes[1].set_xticklabels(jobs)
     axes[0].set_title("pynbd vs best of the other NBD servers (>1: pynbd better)")
     fig.tight_layout()
@@ -494,7 +598,7 @@ def write_chart(rows: list[dict[str, Any]], path: Path) -> str:
     return f"chart: {path}"
 
 
-def environment(servers: list[str]) -> dict[str, Any]:
+def environment(servers: list[str], rbd: bool = False) -> dict[str, Any]:
     def version(cmd: list[str]) -> str:
         try:
             done = _run(cmd, 10)
@@ -506,14 +610,15 @@ def environment(servers: list[str]) -> dict[str, Any]:
                 "nbdkit": ["nbdkit", "--version"], "nbd-server": ["nbd-server", "-V"],
                 "fio": ["fio", "--version"], "nbdcopy": ["nbdcopy", "--version"],
                 "pynbd-commit": ["git", "-C", str(Path(__file__).resolve().parent.parent),
-                                 "rev-parse", "--short", "HEAD"]}
+                                 "rev-parse", "--short", "HEAD"],
+                "ceph": ["ceph", "--version"]}
+    wanted = {*servers, "fio", "nbdcopy", "pynbd-commit"} | ({"ceph"} if rbd else set())
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"kernel": f"{platform.release()} {platform.version()}", "cpu_model": cpu,
             "cpus": os.cpu_count(), "python": platform.python_version(),
-            "versions": {k: version(v) for k, v in commands.items()
-                         if k in servers or k in ("fio", "nbdcopy", "pynbd-commit")}}
+            "versions": {k: version(v) for k, v in commands.items() if k in wanted}}
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -535,7 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, help="seconds per fio run (default 10, --quick 3)")
     p.add_argument("--size", type=parse_size, default=parse_size("2G"), help="image size (2G)")
     p.add_argument("--servers", type=_csv(ALL_SERVERS), default=list(ALL_SERVERS))
-    p.add_argument("--backends", type=_csv(ALL_BACKENDS), default=list(ALL_BACKENDS))
+    p.add_argument("--backends", type=_csv(ALL_BACKENDS), default=list(DEFAULT_BACKENDS),
+                   help="file,memory (default) and/or rbd (a throwaway Ceph cluster; pynbd "
+                   "and qemu-nbd only)")
     p.add_argument("--jobs", type=_csv(ALL_JOBS), default=list(ALL_JOBS))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tmpdir", help="where the image and sockets go (default: system temp)")
@@ -549,21 +656,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> tuple[dict[str, list[str]], float]:
     """Servers per backend, and the expected duration in seconds."""
-    per_backend = {b: [s for s in args.servers if b == "file" or s in HAS_MEMORY]
-                   for b in args.backends}
+    per_backend = {b: [s for s in args.servers if serves(s, b)] for b in args.backends}
     per_backend = {b: s for b, s in per_backend.items() if s}
     fio_runs = sum(len(s) for s in per_backend.values()) * sum(
         j.key in args.jobs for j in FIO_JOBS)
     copy_s = args.size / 400e6 + 2  # a guess: ~400 MB/s plus start-up
     copies = sum(len(s) for s in per_backend.values()) * ("nbdcopy-out" in args.jobs)
-    copies += len(args.servers) * ("nbdcopy-in" in args.jobs)
+    copies += len(args.servers) * ("nbdcopy-in" in args.jobs and memory_copy_in(args))
+    copies += len(per_backend.get("rbd", [])) * ("nbdcopy-in" in args.jobs)
     setup = args.size / 500e6 + 5 * len(args.servers)
+    if "rbd" in per_backend:  # cluster start, rbd import
+        setup += 10 + args.size / 300e6
     return per_backend, setup + args.rounds * (fio_runs * (args.runtime + 1.5) + copies * copy_s)
+
+
+def memory_copy_in(args: argparse.Namespace) -> bool:
+    """The memory-target nbdcopy-in row runs unless rbd is the only backend asked for."""
+    return any(b != "rbd" for b in args.backends)
 
 
 def run_round(rnd: int, args: argparse.Namespace, servers: dict[str, list[Server]],
               image: Path, workdir: Path,
-              results: dict[tuple[str, str], dict[str, list[Sample]]]) -> None:
+              results: dict[tuple[str, str], dict[str, list[Sample]]],
+              cluster: rbdcluster.Cluster | None = None) -> None:
     def record(job: str, backend: str, name: str, run: Callable[[], Sample]) -> None:
         try:
             sample = run()
@@ -587,19 +702,42 @@ def run_round(rnd: int, args: argparse.Namespace, servers: dict[str, list[Server
             for srv in group:
                 record("nbdcopy-out", backend, srv.name,
                        functools.partial(copy_out, srv, args.size, workdir, rnd))
-    if "nbdcopy-in" in args.jobs:
+    if "nbdcopy-in" in args.jobs and memory_copy_in(args):
         for name in args.servers:
             record("nbdcopy-in", "memory", name,
                    functools.partial(copy_in, name, image, args.size, workdir, rnd))
+    if "nbdcopy-in" in args.jobs and cluster is not None:
+        for srv in servers.get("rbd", []):
+            record("nbdcopy-in", "rbd", srv.name, functools.partial(
+                copy_in_rbd, srv.name, cluster, image, args.size, workdir, rnd))
+
+
+def start_cluster(args: argparse.Namespace, image: Path, workdir: Path,
+                  stack: contextlib.ExitStack) -> rbdcluster.Cluster:
+    """A throwaway Ceph cluster (stopped by ``stack``) holding a copy of ``image``."""
+    root = workdir / "ceph"
+    stack.callback(rbdcluster.stop, root)  # first, so that a half-started cluster stops too
+    t0 = time.monotonic()
+    cluster = rbdcluster.start(root, max(8 << 30, 4 * args.size))
+    rbdcluster.import_image(cluster, image, RBD_IMAGE, args.size)
+    print(f"ceph cluster {cluster.conf} (osd pid {cluster.osd_pid}), image "
+          f"{rbdcluster.POOL}/{RBD_IMAGE} imported in {time.monotonic() - t0:.1f} s", flush=True)
+    return cluster
 
 
 def start_all(args: argparse.Namespace, per_backend: dict[str, list[str]], image: Path,
-              workdir: Path, stack: contextlib.ExitStack) -> dict[str, list[Server]]:
+              workdir: Path, stack: contextlib.ExitStack,
+              cluster: rbdcluster.Cluster | None = None) -> dict[str, list[Server]]:
     servers: dict[str, list[Server]] = {}
     for backend, names in per_backend.items():
         for name in names:
-            srv = start_server(name, backend, str(image), args.size, workdir,
-                               f"{name}-{backend}")
+            if backend == "rbd":
+                assert cluster is not None
+                srv = start_server(name, backend, cluster.spec(RBD_IMAGE), args.size,
+                                   workdir, f"{name}-{backend}", cluster.osd_pid)
+            else:
+                srv = start_server(name, backend, str(image), args.size, workdir,
+                                   f"{name}-{backend}")
             stack.callback(stop_server, srv)
             if backend == "memory":  # fill it, so that reads return real data
                 done = _run(["nbdcopy", str(image), srv.uri], 60 + args.size / 10e6)
@@ -613,16 +751,31 @@ def start_all(args: argparse.Namespace, per_backend: dict[str, list[str]], image
 def write_json(args: argparse.Namespace, rows: list[dict[str, Any]],
                extra: dict[str, Any]) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"config": {"rounds": args.rounds, "runtime_s": args.runtime, "size": args.size,
-                      "servers": args.servers, "backends": args.backends, "jobs": args.jobs,
-                      **extra},
-           "fio_jobs": [dataclasses.asdict(j) for j in FIO_JOBS],
-           "notes": ["all servers on Unix sockets (nbd-server via unixsock in its config)",
-                     "nbdcopy-in: qemu-nbd and nbd-server have no memory backend, so they "
-                     "get a fresh sparse raw file",
-                     "cpu_us: server CPU (utime+stime+cutime+cstime over the process tree) "
-                     "per I/O for fio jobs, per MiB for nbdcopy"],
-           "rows": rows}
+    config = {"rounds": args.rounds, "runtime_s": args.runtime, "size": args.size,
+              "servers": args.servers, "backends": args.backends, "jobs": args.jobs, **extra}
+    doc: dict[str, Any] = {
+        "config": config,
+        "fio_jobs": [dataclasses.asdict(j) for j in FIO_JOBS],
+        "notes": ["all servers on Unix sockets (nbd-server via unixsock in its config)",
+                  "nbdcopy-in: qemu-nbd and nbd-server have no memory backend, so they "
+                  "get a fresh sparse raw file",
+                  "cpu_us: server CPU (utime+stime+cutime+cstime over the process tree) "
+                  "per I/O for fio jobs, per MiB for nbdcopy"],
+        "rows": rows}
+    if "rbd" in args.backends:
+        doc["config"]["rbd"] = {
+            "cluster": "scripts/ceph-cluster: one mon, one memstore OSD, 127.0.0.1, pool size 1",
+            "image": f"{rbdcluster.POOL}/{RBD_IMAGE}, layering only, rbd import of the file "
+                     "image; every rbd server exports it",
+            "nbdcopy_in": "a fresh image (layering only, same size) per server and round, "
+                          "removed after the copy",
+            "commands": {"pynbd": "python -m pynbd -t -e 0 -k SOCK rbd:POOL/IMAGE:conf=CONF",
+                         "qemu-nbd": "qemu-nbd -f raw --cache=none -e 8 -t -k SOCK "
+                                     "rbd:POOL/IMAGE:conf=CONF"},
+            "discard": "neither server gets --discard (both ignore trims)"}
+        doc["notes"].append("rbd: osd_cpu_us is the Ceph OSD's CPU during the run, per I/O or "
+                            "per MiB; cpu_with_osd_us = cpu_us + osd_cpu_us; "
+                            "ratio_cpu_with_osd compares those sums")
     path: Path = args.out / "results.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
@@ -632,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     missing = [t for t in ("fio", "nbdcopy", "nbdinfo", *args.servers)
                if t != "pynbd" and shutil.which(t) is None]
+    if "rbd" in args.backends:
+        missing += rbdcluster.missing_requirements()
     if missing:
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -639,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"servers per backend: {per_backend}; jobs: {','.join(args.jobs)}; "
           f"{args.rounds} round(s) x {args.runtime} s; image {args.size / MIB:.0f} MiB")
     extra: dict[str, Any] = {"loadavg_at_start": os.getloadavg(),
-                             "environment": environment(args.servers)}
+                             "environment": environment(args.servers,
+                                                        "rbd" in args.backends)}
     print(f"expected duration: ~{expected / 60:.1f} min; load average now "
           f"{extra['loadavg_at_start'][0]:.2f}" + (" (busy host: expect noisy numbers)"
           if extra["loadavg_at_start"][0] > 0.5 else ""), flush=True)
@@ -652,11 +808,12 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         image = workdir / "image.raw"
         make_image(image, args.size)
-        servers = start_all(args, per_backend, image, workdir, stack)
+        cluster = start_cluster(args, image, workdir, stack) if "rbd" in per_backend else None
+        servers = start_all(args, per_backend, image, workdir, stack, cluster)
         try:
             for rnd in range(args.rounds):
                 print(f"round {rnd + 1}/{args.rounds}", flush=True)
-                run_round(rnd, args, servers, image, workdir, results)
+                run_round(rnd, args, servers, image, workdir, results, cluster)
                 write_json(args, summarize(results), extra)  # keep what we have so far
         except KeyboardInterrupt:
             print("interrupted: reporting the samples taken so far", flush=True)
