@@ -70,17 +70,21 @@ class CephCluster:
             raise AssertionError(f"rbd {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
-    def new_image(self, size: int, *, exclusive_lock: bool = False, prefix: str = "img") -> str:
+    def new_image(self, size: int, *, exclusive_lock: bool = False, fast_diff: bool = False,
+                  prefix: str = "img") -> str:
         """Create a fresh image of ``size`` bytes; return its name.
 
         Without ``exclusive_lock`` the image has only the layering feature, the
-        setting for several writable gateways.
+        setting for several writable gateways; ``fast_diff`` adds exclusive-lock,
+        object-map and fast-diff (rbd's defaults).
         """
         name = f"{prefix}{next(_names)}"
         rados, rbd = importlib.import_module("rados"), importlib.import_module("rbd")
         features = rbd.RBD_FEATURE_LAYERING
-        if exclusive_lock:
+        if exclusive_lock or fast_diff:
             features |= rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+        if fast_diff:
+            features |= rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF
         with rados.Rados(conffile=str(self.conf)) as cluster, \
                 cluster.open_ioctx(self.pool) as ioctx:
             rbd.RBD().create(ioctx, name, size, old_format=False, features=features)

@@ -42,6 +42,10 @@ class Capabilities:
     can_extents: bool = True
     #: every caller sees one consistent store (no per-caller cache)
     can_multi_conn: bool = True
+    #: ``block_status`` is cheap enough to ask before every large structured
+    #: read, so that holes go out as OFFSET_HOLE chunks (False where it costs a
+    #: round trip to remote storage, as on RBD)
+    sparse_reads: bool = True
 
 
 class ExtentFlags(enum.IntFlag):

@@ -29,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import importlib
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from .base import Backend, Capabilities, Extent, ExtentFlags, FastZeroUnsupported
@@ -224,7 +226,13 @@ class RbdBackend(Backend):
             can_trim=writable and discard, can_zero=writable,
             can_fast_zero=writable and discard, can_cache=False, can_extents=True,
             # a client cache private to this process breaks the promise across gateways
-            can_multi_conn=not self.client_cache)
+            can_multi_conn=not self.client_cache,
+            # block status costs a cluster round trip: not before every large read
+            sparse_reads=False)
+        # with a valid object map, block status is answered from it, per whole object
+        self.fast_diff = bool(features & rbd.RBD_FEATURE_FAST_DIFF) and not (
+            int(self._image.flags()) & rbd.RBD_FLAG_FAST_DIFF_INVALID)
+        self._handoff: _Handoff | None = None
 
     def _open(self, rados: Any, rbd: Any, lock: str) -> Any:
         """Connect, open the pool and the image (and take its lock); return the image."""
@@ -295,11 +303,15 @@ class RbdBackend(Backend):
     def _submit(self, start: Callable[[Callable[..., None]], object]) -> asyncio.Future[Any]:
         """Start an aio call; the future gets its return value (and data, for reads)."""
         loop = asyncio.get_running_loop()
+        handoff = self._handoff
+        if handoff is None or handoff.loop is not loop:
+            handoff = self._handoff = _Handoff(loop)
         future: asyncio.Future[Any] = loop.create_future()
+        put = handoff.put
 
         def done(completion: Any, *data: Any) -> None:
             # on a librbd thread: hand over to the loop, nothing else
-            loop.call_soon_threadsafe(_finish, future, completion.get_return_value(), data)
+            put(future, completion.get_return_value(), data)
 
         try:
             start(done)
@@ -366,7 +378,8 @@ class RbdBackend(Backend):
         def collect() -> None:
             self._image.diff_iterate(offset, length, None,
                                      lambda off, ln, exists: runs.append((off, ln))
-                                     if exists else None)
+                                     if exists else None,
+                                     whole_object=self.fast_diff)
 
         loop = asyncio.get_running_loop()
         try:
@@ -391,9 +404,55 @@ class RbdBackend(Backend):
                 cluster.shutdown()
 
 
-def _finish(future: asyncio.Future[Any], result: int, data: tuple[Any, ...]) -> None:
-    if not future.done():
-        future.set_result((result, data))
+class _Handoff:
+    """Completions from librbd's threads to the event loop, one wakeup per batch.
+
+    ``put`` runs on a librbd thread: it queues the result and wakes the loop
+    only if no wakeup is pending (``call_soon_threadsafe`` writes to the loop's
+    self-pipe each time).  ``put`` also pins a Python thread state to the
+    calling thread: otherwise the binding creates and destroys one for every
+    callback (an mmap/munmap pair and a page fault per I/O, measured).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Future[Any], int, tuple[Any, ...]]] = []
+        self._scheduled = False
+
+    def put(self, future: asyncio.Future[Any], result: int, data: tuple[Any, ...]) -> None:
+        if not getattr(_pinned, "done", False):
+            _pin_thread_state()
+        with self._lock:
+            self._items.append((future, result, data))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for future, result, data in items:
+            if not future.done():
+                future.set_result((result, data))
+
+
+#: per-thread flag: this librbd thread keeps its Python thread state
+_pinned = threading.local()
+
+
+def _pin_thread_state() -> None:
+    """Keep the calling (foreign, librbd) thread's Python thread state alive.
+
+    One extra ``PyGILState_Ensure`` that is never released: the binding's own
+    Ensure/Release around each callback then reuses the state instead of
+    creating and freeing one.  The state goes when librbd ends the thread.
+    """
+    ctypes.pythonapi.PyGILState_Ensure()
+    _pinned.done = True
 
 
 def _check(result: int, what: str, offset: int) -> None:

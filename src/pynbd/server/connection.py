@@ -345,7 +345,7 @@ class Connection(asyncio.Protocol):
         if request.cmd == _READ:
             if request.length > INLINE_READ_MAX or (
                     core.negotiated.structured and request.length >= SPARSE_READ_MIN
-                    and backend.capabilities.can_extents
+                    and backend.capabilities.can_extents and backend.capabilities.sparse_reads
                     and not request.flags & _DF):
                 return False
             buf = bytearray(request.length)
@@ -456,7 +456,8 @@ class Connection(asyncio.Protocol):
         export, core = self._backend_core
         if (core.negotiated.structured and request.length >= SPARSE_READ_MIN
                 and not request.flags & CmdFlag.DF
-                and export.backend.capabilities.can_extents):
+                and export.backend.capabilities.can_extents
+                and export.backend.capabilities.sparse_reads):
             return await self._read_sparse(request)
         buf = bytearray(request.length)
         await export.backend.pread(memoryview(buf), request.offset)

@@ -63,6 +63,33 @@ def test_cache_off_by_default_and_multi_conn(ceph: CephCluster) -> None:
         run(backend.close())
 
 
+@pytest.mark.parametrize("fast_diff", [False, True], ids=["layering", "fast-diff"])
+def test_block_status_per_object(ceph: CephCluster, fast_diff: bool) -> None:
+    """Without fast-diff, extents come from the OSDs (per object extent); with it,
+    from the object map, a whole 4 MIB object at a time.  Either way an untouched
+    object is a hole, and large reads never ask (no sparse-read probe)."""
+    name = ceph.new_image(16 * MIB, fast_diff=fast_diff)
+    backend = RbdBackend(parse_rbd_filename(ceph.spec(name)))
+
+    async def body() -> list[tuple[int, ExtentFlags]]:
+        await backend.pwrite(b"d" * 4096, 5 * MIB)
+        return [(e.length, e.flags) for e in await backend.block_status(0, 16 * MIB)]
+
+    try:
+        assert backend.fast_diff is fast_diff
+        assert not backend.capabilities.sparse_reads
+        extents = run(body())
+    finally:
+        run(backend.close())
+    hole = ExtentFlags.HOLE | ExtentFlags.ZERO
+    assert extents[0] == (4 * MIB, hole)
+    data = [e for e in extents if e[1] == ExtentFlags.DATA]
+    assert len(data) == 1
+    if fast_diff:
+        assert extents == [(4 * MIB, hole), (4 * MIB, ExtentFlags.DATA), (8 * MIB, hole)]
+    assert sum(length for length, _ in extents) == 16 * MIB
+
+
 def test_client_cache_on_request_withdraws_multi_conn(ceph: CephCluster) -> None:
     spec = parse_rbd_filename(ceph.spec(ceph.new_image(MIB), "rbd_cache=true"))
     backend = RbdBackend(spec)
@@ -86,7 +113,7 @@ def test_zeroes_without_holes_are_thick_and_never_fast(ceph: CephCluster) -> Non
         # thick: still allocated
         extents = await backend.block_status(0, MIB)
         assert extents[0].flags == ExtentFlags.DATA
-        # thin, when holes are allowed: the 4 MiB object goes away
+        # thin, when holes are allowed: the 4 MIB object goes away
         await backend.write_zeroes(0, 4 * MIB, may_trim=True, fast=True)
         extents = await backend.block_status(0, 4 * MIB)
         assert [(e.length, e.flags) for e in extents] == [
