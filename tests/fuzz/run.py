@@ -169,7 +169,7 @@ def run_target(target: str, args: argparse.Namespace, corpus: Path,
             for raw in proc.stdout:
                 line = raw.rstrip("\n")
                 tail.append(line)
-                if args.verbose or " pulse " in line:
+                if args.verbose or "\tpulse " in line:
                     print(f"  {target}: {line}", flush=True)
                 _parse(line, result)
         finally:
