@@ -7,6 +7,9 @@ Rules of this module:
   spec answers with an error come out as ``InvalidRequest``.
 - ``next_event`` raises only ``ProtocolError`` (bad magic, or a WRITE payload
   too large to read, which is never buffered).
+- Received bytes go into a buffer the core owns (``get_buffer``/
+  ``buffer_updated``, or ``receive_data``); a large WRITE payload is received
+  straight into the buffer its ``Request`` carries.
 - Reply builders return a list of buffers that make up exactly one whole
   reply; the shell writes each list in one go, so replies never interleave.
   Payloads are passed through, never copied.
@@ -66,6 +69,19 @@ _ENOSPC_PAST_END = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES})
 #: commands whose offset and length name a range of the export
 _RANGED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
                      Cmd.BLOCK_STATUS})
+# plain ints for the per-request path
+_WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
+
+#: the receive buffer starts this small, so an idle connection costs little ...
+RECV_BUFFER_MIN = 4 * 1024
+#: ... and grows up to this while receives keep filling it (pipelined requests)
+RECV_BUFFER_MAX = 256 * 1024
+#: WRITE payloads at least this large that did not arrive whole with their
+#: header are received straight into their own buffer (no copy)
+DIRECT_PAYLOAD_MIN = 64 * 1024
+#: at most this many payload buffers, and bytes, are kept for reuse (``recycle``)
+SPARE_PAYLOADS = 4
+SPARE_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 
 class ServerTransmission:
@@ -77,28 +93,135 @@ class ServerTransmission:
         self._flags = int(negotiated.flags)
         self._structured = negotiated.structured
         self._max_payload = max_payload
-        self._buf = bytearray()
+        #: received bytes not yet parsed are ``_buf[_pos:_end]``
+        self._buf = bytearray(RECV_BUFFER_MIN)
         self._pos = 0
+        self._end = 0
+        #: the last receive filled ``_buf`` to the end: offer a larger one next time
+        self._grow = False
+        #: the last request was a large WRITE: receive just the next header first,
+        #: so that if it is another large WRITE its payload is not copied
+        self._header_first = False
+        #: a large WRITE's payload, received straight into place (``_filled`` bytes so far)
+        self._payload: bytearray | None = None
+        self._filled = 0
+        #: that WRITE's flags, cookie and offset
+        self._write_header = (0, 0, 0)
+        #: payload buffers given back by ``recycle``, reused for the next large WRITEs
+        self._spare: list[bytearray] = []
         self._disconnected = False
         self._fast_rules = self._build_fast_rules()
 
     # -- receiving -----------------------------------------------------------
 
     def receive_data(self, data: Buffer) -> None:
-        """Feed bytes received from the client."""
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += data
+        """Feed bytes received from the client (copied in).
+
+        The copying twin of ``get_buffer``/``buffer_updated``, for callers
+        that already hold the bytes.
+        """
+        view = memoryview(data).cast("B")
+        payload = self._payload
+        if payload is not None and self._filled < len(payload):
+            take = min(len(view), len(payload) - self._filled)
+            payload[self._filled:self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+        if view:
+            if len(self._buf) - self._end < len(view):
+                self._make_room(len(view))
+            self._buf[self._end:self._end + len(view)] = view
+            self._end += len(view)
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes should go (never empty); then call
+        ``buffer_updated`` with how many landed there.
+
+        A large WRITE payload is received straight into the buffer the
+        request will carry, and only up to its end, so it is never copied;
+        everything else lands in a receive buffer that starts small (an idle
+        connection costs little) and grows while receives keep filling it.
+        """
+        payload = self._payload
+        if payload is not None and self._filled < len(payload):
+            return memoryview(payload)[self._filled:]
+        if self._pos == self._end:
+            self._pos = self._end = 0
+            if self._header_first:
+                return memoryview(self._buf)[:wire.REQUEST.size]
+        size = len(self._buf)
+        free = size - self._end
+        if self._grow or free * 4 < size or free < self.bytes_wanted:
+            self._make_room(self.bytes_wanted)
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer`` view."""
+        payload = self._payload
+        if payload is not None and self._filled < len(payload):
+            self._filled += nbytes
+            return
+        self._end += nbytes
+        if self._end == len(self._buf) and self._end < RECV_BUFFER_MAX:
+            self._grow = True
+
+    def recycle(self, payload: Buffer | None) -> None:
+        """Give back a WRITE payload the backend is completely done with.
+
+        A large payload's buffer is then reused for a later WRITE of the same
+        size instead of allocating (and zero-filling) a new one.  Only call
+        this once nothing can read ``payload`` any more.
+        """
+        if (type(payload) is bytearray and len(payload) >= DIRECT_PAYLOAD_MIN
+                and len(self._spare) < SPARE_PAYLOADS
+                and len(payload) * (len(self._spare) + 1) <= SPARE_PAYLOAD_BYTES):
+            self._spare.append(payload)
+
+    def _payload_buffer(self, length: int) -> bytearray:
+        spare = self._spare
+        for i in range(len(spare) - 1, -1, -1):
+            if len(spare[i]) == length:
+                return spare.pop(i)
+        if spare:
+            spare.pop(0)  # sizes changed: let the oldest go
+        return bytearray(length)
+
+    def _make_room(self, wanted: int) -> None:
+        """At least ``wanted`` free bytes after ``_end``: compact, or a new larger buffer.
+
+        The buffer is replaced rather than resized, because views of it may
+        still be alive (asyncio holds the last ``get_buffer`` view).
+        """
+        pending = self._end - self._pos
+        size = len(self._buf)
+        if self._grow:
+            self._grow = False
+            size = min(size * 4, RECV_BUFFER_MAX)
+        if pending + wanted > size:
+            size = max(pending + wanted, 2 * size)
+        if size == len(self._buf):
+            if self._pos:
+                self._buf[:pending] = self._buf[self._pos:self._end]
+        else:
+            buf = bytearray(size)
+            buf[:pending] = self._buf[self._pos:self._end]
+            self._buf = buf
+        self._pos, self._end = 0, pending
 
     @property
     def pending_bytes(self) -> int:
-        return len(self._buf) - self._pos
+        """Bytes received that no event has accounted for yet."""
+        pending = self._end - self._pos
+        if self._payload is not None:
+            pending += wire.REQUEST.size + self._filled
+        return pending
 
     @property
     def bytes_wanted(self) -> int:
         """How many more bytes complete the message being received (at least 1)."""
-        avail = len(self._buf) - self._pos
+        if self._payload is not None:
+            return max(1, len(self._payload) - self._filled)
+        avail = self._end - self._pos
         if avail < wire.REQUEST.size:
             return wire.REQUEST.size - avail
         _, _, cmd, _, _, length = wire.REQUEST.unpack_from(self._buf, self._pos)
@@ -110,30 +233,50 @@ class ServerTransmission:
         """The next request, or ``NEED_DATA``."""
         if self._disconnected:
             return NEED_DATA
-        avail = len(self._buf) - self._pos
-        if avail < wire.REQUEST.size:
-            return NEED_DATA
-        magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(
-            self._buf, self._pos)
-        if magic != REQUEST_MAGIC:
-            raise ProtocolError(f"bad request magic {magic:#x}")
-        payload: bytes | None = None
-        if cmd == Cmd.WRITE:
-            if length > self._max_payload:
-                raise ProtocolError(
-                    f"WRITE of {length} bytes is over the {self._max_payload}-byte limit",
-                    cookie=cookie, errno=Errno.EINVAL)
-            if avail < wire.REQUEST.size + length:
+        payload: Buffer | None
+        if self._payload is not None:
+            if self._filled < len(self._payload):
                 return NEED_DATA
-            start = self._pos + wire.REQUEST.size
-            with memoryview(self._buf) as view:  # one copy, released before any resize
-                payload = bytes(view[start:start + length])
-            self._pos = start + length
+            payload, self._payload = self._payload, None
+            self._header_first = True
+            flags, cookie, offset = self._write_header
+            cmd, length = _WRITE, len(payload)
         else:
-            self._pos += wire.REQUEST.size
-        if cmd == Cmd.DISC:
-            self._disconnected = True
-            return Disconnect()
+            pos = self._pos
+            avail = self._end - pos
+            if avail < wire.REQUEST.size:
+                return NEED_DATA
+            magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(
+                self._buf, pos)
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            payload = None
+            self._header_first = False
+            if cmd == _WRITE:
+                if length > self._max_payload:
+                    raise ProtocolError(
+                        f"WRITE of {length} bytes is over the {self._max_payload}-byte limit",
+                        cookie=cookie, errno=Errno.EINVAL)
+                start = pos + wire.REQUEST.size
+                have = self._end - start
+                if have >= length:
+                    payload = self._buf[start:start + length]  # the one copy
+                    self._pos = start + length
+                elif length >= DIRECT_PAYLOAD_MIN:
+                    # the rest of the payload is received straight into its buffer
+                    direct = self._payload = self._payload_buffer(length)
+                    direct[:have] = memoryview(self._buf)[start:self._end]
+                    self._filled = have
+                    self._write_header = (flags, cookie, offset)
+                    self._pos = self._end = 0
+                    return NEED_DATA
+                else:
+                    return NEED_DATA
+            else:
+                self._pos = pos + wire.REQUEST.size
+            if cmd == _DISC:
+                self._disconnected = True
+                return Disconnect()
         rule = self._fast_rules.get(cmd)
         if (rule is None or flags & rule[0] or length > rule[1] or length < rule[2]
                 or (rule[3] and offset + length > self._size)

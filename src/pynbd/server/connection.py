@@ -1,8 +1,11 @@
-"""One client connection: an ``asyncio.Protocol`` that drives the protocol cores.
+"""One client connection: an ``asyncio.BufferedProtocol`` that drives the protocol cores.
 
 Rules of this module:
 - Protocol decisions live in ``pynbd.proto``; this module only moves bytes,
   calls the backend and writes the replies the core builds.
+- Bytes are received straight into buffers the transmission core owns
+  (``get_buffer``), so a large WRITE payload lands where the request carries
+  it, with no copy.
 - Every request parsed from a received chunk is handled before the next
   chunk is read.  Cheap requests (a READ the backend can serve without
   blocking, a plain WRITE the backend can take without blocking) are answered
@@ -68,6 +71,8 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 #: how long closing a TLS connection waits for the client's close_notify (asyncio's
 #: default, 30 s, held up every server stop while an idle TLS client was connected)
 TLS_SHUTDOWN_TIMEOUT = 2.0
+#: receive buffer for the handshake (options are short; longer ones arrive in pieces)
+HANDSHAKE_BUFFER = 4096
 
 Handler = Callable[[Request], Awaitable[list[Buffer]]]
 
@@ -85,7 +90,7 @@ class ConnectionStats:
     bytes_written: int = 0
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """Serves one accepted client until it leaves or the server stops."""
 
     def __init__(self, server: Server) -> None:
@@ -99,6 +104,8 @@ class Connection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Future[None] | None = None
         self._core: ServerTransmission | None = None
+        #: where handshake bytes are received (the transmission core has its own)
+        self._handshake_buf = bytearray(HANDSHAKE_BUFFER)
         #: requests running as tasks, with the payload bytes each holds
         self._tasks: dict[asyncio.Future[None], int] = {}
         self._inflight_bytes = 0
@@ -147,13 +154,18 @@ class Connection(asyncio.Protocol):
             self._handshake_timer = asyncio.get_running_loop().call_later(
                 limit, self._handshake_expired)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._core is not None:
+            return self._core.get_buffer()
+        return memoryview(self._handshake_buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
             if self._core is not None:
-                self._core.receive_data(data)
+                self._core.buffer_updated(nbytes)
                 self._process()
             elif self._handshake is not None:
-                self._handshake.receive_data(data)
+                self._handshake.receive_data(self._handshake_buf[:nbytes])
                 self._negotiate()
         except ProtocolError as err:
             log.info("%s: protocol error: %s", self.peer, err)
@@ -365,6 +377,7 @@ class Connection(asyncio.Protocol):
             except OSError:
                 return False
             out += core.reply_ok(request.cookie)
+            core.recycle(request.payload)
             self.stats.bytes_written += request.length
         else:
             return False
@@ -399,6 +412,7 @@ class Connection(asyncio.Protocol):
                 stats.bytes_read += request.length
             elif request.cmd == Cmd.WRITE:
                 stats.bytes_written += request.length
+                core.recycle(request.payload)  # the backend is done with it
         except OSError as err:
             errno = nbd_errno(err.errno, cmd=request.cmd, flags=request.flags)
             reply = core.reply_error(request.cookie, errno, err.strerror or str(err))
