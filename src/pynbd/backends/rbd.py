@@ -16,10 +16,11 @@ Rules of this module:
   with ``call_soon_threadsafe``.  Only calls that librbd offers solely as
   blocking ones (``diff_iterate`` for block status, open and close) run in a
   small thread pool.
-- NBD maps onto RBD as: WRITE_ZEROES to ``write_zeroes`` (thick when the
-  client forbids holes: a small librbd discard does not zero), TRIM to
-  discard, FLUSH to flush, block status from ``diff_iterate`` (unreported
-  ranges are holes), size from the image.  librbd's negative return codes
+- NBD maps onto RBD as: WRITE_ZEROES to ``write_zeroes`` (thin unless the
+  client forbids holes, then thick; a small librbd discard does not zero, so
+  zeroing never uses discard), TRIM to discard (with ``discard``), FLUSH to
+  flush, block status from ``diff_iterate`` (unreported ranges are holes),
+  size from the image.  librbd's negative return codes
   become ``OSError`` with that errno (EROFS for a read-only image or
   snapshot, ESHUTDOWN for a blocklisted client).
 """
@@ -224,7 +225,7 @@ class RbdBackend(Backend):
         self.capabilities = Capabilities(
             can_write=writable, can_flush=writable, can_fua=writable,
             can_trim=writable and discard, can_zero=writable,
-            can_fast_zero=writable and discard, can_cache=False, can_extents=True,
+            can_fast_zero=writable, can_cache=False, can_extents=True,
             # a client cache private to this process breaks the promise across gateways
             can_multi_conn=not self.client_cache,
             # block status costs a cluster round trip: not before every large read
@@ -357,8 +358,9 @@ class RbdBackend(Backend):
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
                            fast: bool = False, fua: bool = False) -> None:
-        # as qemu's rbd driver: a thin (discard-based) zero only when holes are allowed
-        thin = may_trim and self.discard
+        # thin (discard-based, no allocation) whenever the client allows holes, as
+        # qemu-nbd does on rbd whatever --discard says; thick only for NO_HOLE
+        thin = may_trim
         if fast and not thin:
             # thick zeroing writes every byte: never fast
             raise FastZeroUnsupported("rbd: zeroing without holes writes every byte")
