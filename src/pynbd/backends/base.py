@@ -128,6 +128,17 @@ class Backend(abc.ABC):
         past the end of the backend.
         """
 
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """The ``length`` bytes at ``offset``, in a buffer the caller may keep.
+
+        The default allocates a buffer and calls ``pread``; a backend whose
+        storage hands it a fresh buffer anyway (librbd) returns that instead
+        of copying it.
+        """
+        buf = bytearray(length)
+        await self.pread(memoryview(buf), offset)
+        return buf
+
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         """Fill ``buf`` at once if that cannot block (e.g. a page-cache hit).
 

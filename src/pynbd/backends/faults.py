@@ -373,6 +373,10 @@ class FaultBackend(Backend):
         await self._inject("read", offset, len(buf))
         await self.inner.pread(buf, offset)
 
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        await self._inject("read", offset, length)
+        return await self.inner.read(offset, length)
+
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         if self._may_pick("read", offset, len(buf)):
             return False

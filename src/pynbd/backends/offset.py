@@ -43,6 +43,9 @@ class OffsetBackend(Backend):
     async def pread(self, buf: memoryview, offset: int) -> None:
         await self.inner.pread(buf, self.offset + offset)
 
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        return await self.inner.read(self.offset + offset, length)
+
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         await self.inner.pwrite(data, self.offset + offset, fua=fua)

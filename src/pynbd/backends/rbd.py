@@ -322,17 +322,19 @@ class RbdBackend(Backend):
         return future
 
     async def pread(self, buf: memoryview, offset: int) -> None:
-        length = len(buf)
+        if buf:
+            buf[:] = await self.read(offset, len(buf))
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         if length == 0:
-            return
+            return b""
         result, data = await self._submit(
             lambda cb: self._image.aio_read(offset, length, cb))
-        got = data[0] if data else b""
         if result < 0:
             raise OSError(-result, f"rbd read at {offset}: {os.strerror(-result)}")
-        buf[:len(got)] = got
-        if len(got) < length:  # past a shrunk image's end: zeroes
-            buf[len(got):] = bytes(length - len(got))
+        got: bytes = data[0] if data else b""
+        # librbd's own buffer, no copy; past a shrunk image's end: zeroes
+        return got if len(got) == length else got + bytes(length - len(got))
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:

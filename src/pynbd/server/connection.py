@@ -473,9 +473,8 @@ class Connection(asyncio.BufferedProtocol):
                 and export.backend.capabilities.can_extents
                 and export.backend.capabilities.sparse_reads):
             return await self._read_sparse(request)
-        buf = bytearray(request.length)
-        await export.backend.pread(memoryview(buf), request.offset)
-        return core.reply_read(request.cookie, request.offset, buf)
+        data = await export.backend.read(request.offset, request.length)
+        return core.reply_read(request.cookie, request.offset, data)
 
     async def _read_sparse(self, request: Request) -> list[Buffer]:
         export, core = self._backend_core

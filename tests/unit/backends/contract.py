@@ -197,6 +197,21 @@ class BackendContract:
         if self.has_raw_access:
             assert self.read_raw(backend, offset, length) == data
 
+    def test_read_returns_what_pread_fills(self, backend: Backend) -> None:
+        _require_write(backend)
+        data = pattern(7, 3 * CHUNK + 5)
+
+        async def body() -> None:
+            await backend.pwrite(data, CHUNK - 1)
+            got = await backend.read(CHUNK - 1, len(data))
+            assert bytes(got) == data
+            assert await read(backend, CHUNK - 1, len(data)) == data
+            # a hole reads as zeroes; an empty read is empty
+            assert bytes(await backend.read(backend.size - 10, 10)) == bytes(10)
+            assert len(await backend.read(0, 0)) == 0
+
+        run(body())
+
     def test_pwrite_accepts_every_buffer_type(self, backend: Backend) -> None:
         _require_write(backend)
         data = pattern(5, 3000)
