@@ -11,6 +11,8 @@ Rules of this module:
   inline with ``RWF_NOWAIT`` (served from the page cache, or failing at once);
   whatever remains, and every call that can block (``fdatasync``,
   ``fallocate``, ``ioctl``), runs in the shared ``pynbd-io`` thread pool.
+- Flushes are group-committed: concurrent ones share ``fdatasync`` calls,
+  each caller covered by one that started after it called.
 - Durability latch (as qemu's file driver): once ``fdatasync`` has failed, the
   kernel may have dropped the dirty pages, so every later ``flush`` and FUA
   request fails with ``EIO`` until a new ``FileBackend`` is opened.
@@ -162,6 +164,9 @@ class FileBackend(Backend):
         self._inline_writes_off_until = 0
         #: the first failed fdatasync; set once, never cleared
         self._sync_error: OSError | None = None
+        #: the fdatasync round running now, and the one callers arriving meanwhile share
+        self._sync_running: asyncio.Future[None] | None = None
+        self._sync_next: asyncio.Future[None] | None = None
         writable = not read_only
         self.capabilities = Capabilities(
             can_write=writable,
@@ -231,11 +236,8 @@ class FileBackend(Backend):
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         view = _as_bytes(data)
-        done = 0
-        if len(view) <= INLINE_MAX and _Feature.NOWAIT_WRITE not in self._unsupported:
-            done = self._nowait(os.pwritev, _Feature.NOWAIT_WRITE, view, offset)
-        if done < len(view):
-            await _in_pool(functools.partial(self._pwrite_all, view[done:], offset + done))
+        if not self.pwrite_nowait(view, offset):
+            await _in_pool(functools.partial(self._pwrite_all, view, offset))
         if fua:
             await self._sync()
 
@@ -283,15 +285,57 @@ class FileBackend(Backend):
         await self._sync()
 
     async def _sync(self) -> None:
+        """Make every write completed before this call durable (group commit).
+
+        Each caller is covered by an ``fdatasync`` that starts after it
+        called.  With none running, one starts at once; callers that arrive
+        while one runs all share the next one, which starts when it ends.  So
+        concurrent flushes and FUA writes, from any connection, cost at most
+        two ``fdatasync`` calls in a row, not one each.
+        """
         if self._sync_error is not None:
-            raise OSError(errno.EIO, "an earlier fdatasync failed, so written data may be "
-                          "lost; reopen the backend", self.path) from self._sync_error
-        try:
-            await _in_pool(self._fdatasync)
-        except OSError as exc:
-            if self._sync_error is None:
-                self._sync_error = exc
-            raise
+            raise self._latched_error()
+        if self._sync_running is None:
+            round_ = asyncio.get_running_loop().create_future()
+            self._start_sync(round_)
+        else:
+            if self._sync_next is None:
+                self._sync_next = asyncio.get_running_loop().create_future()
+            round_ = self._sync_next
+        # shielded: a cancelled caller must not cancel the round others share
+        await asyncio.shield(round_)
+
+    def _latched_error(self) -> OSError:
+        error = OSError(errno.EIO, "an earlier fdatasync failed, so written data may be "
+                        "lost; reopen the backend", self.path)
+        error.__cause__ = self._sync_error
+        return error
+
+    def _start_sync(self, round_: asyncio.Future[None]) -> None:
+        self._sync_running = round_
+        job = asyncio.get_running_loop().run_in_executor(_POOL, self._fdatasync)
+        job.add_done_callback(functools.partial(self._sync_done, round_))
+
+    def _sync_done(self, round_: asyncio.Future[None], job: asyncio.Future[None]) -> None:
+        error: BaseException | None = (
+            OSError(errno.EIO, "fdatasync was cancelled", self.path) if job.cancelled()
+            else job.exception())
+        if isinstance(error, OSError) and self._sync_error is None:
+            self._sync_error = error
+        if not round_.done():
+            if error is None:
+                round_.set_result(None)
+            else:
+                round_.set_exception(error)
+                round_.exception()  # retrieved: its waiters may all have gone
+        self._sync_running = None
+        waiting, self._sync_next = self._sync_next, None
+        if waiting is not None:
+            if self._sync_error is not None:
+                waiting.set_exception(self._latched_error())
+                waiting.exception()
+            else:
+                self._start_sync(waiting)
 
     # -- trim and zero -----------------------------------------------------
 
