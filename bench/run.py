@@ -2,9 +2,10 @@
 
 Every server exports the same raw image (filled with random data, kept in the
 page cache) on a Unix socket in a private temp dir.  For each round, for each
-job, each server runs in turn (A B C D A B C D ...).  Server CPU is read from
-/proc/PID/stat (utime+stime+cutime+cstime summed over the process tree, so
-nbd-server's per-client children count) before and after each run.  Results:
+job, each server runs in turn, the order reversed every other round (A B C D,
+D C B A, ...).  Server CPU is read from /proc/PID/stat (utime+stime+cutime+
+cstime summed over the process tree, so nbd-server's per-client children
+count) before and after each run.  Results:
 a table on stdout, ``results.json`` and, if matplotlib is importable,
 ``ratios.png`` in --out.  Servers are stopped by pid in a ``finally``.
 
@@ -34,15 +35,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 # the throwaway Ceph cluster for the rbd column (this script runs from bench/)
 import rbdcluster
 
 from pynbd.backends import parse_size
 
+_S = TypeVar("_S")
+
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 ALL_SERVERS = ("pynbd", "qemu-nbd", "nbdkit", "nbd-server")
 HAS_MEMORY = ("pynbd", "nbdkit")  # the others get a fresh sparse raw file instead
@@ -691,23 +694,28 @@ def run_round(rnd: int, args: argparse.Namespace, servers: dict[str, list[Server
                  else f"FAILED: {sample.error}")
         print(f"  r{rnd + 1} {TITLES[job]:<30} {backend:<7} {name:<10} {value}", flush=True)
 
+    def order(group: Sequence[_S]) -> list[_S]:
+        """Servers in turn, the order reversed every other round: whoever goes first
+        meets colder caches (the in-memory OSD's heap, the page cache)."""
+        return list(group) if rnd % 2 == 0 else list(reversed(group))
+
     for job in FIO_JOBS:
         if job.key in args.jobs:
             for backend, group in servers.items():
-                for srv in group:
+                for srv in order(group):
                     record(job.key, backend, srv.name, functools.partial(
                         run_fio, srv, job, args.runtime, args.size, rnd))
     if "nbdcopy-out" in args.jobs:
         for backend, group in servers.items():
-            for srv in group:
+            for srv in order(group):
                 record("nbdcopy-out", backend, srv.name,
                        functools.partial(copy_out, srv, args.size, workdir, rnd))
     if "nbdcopy-in" in args.jobs and memory_copy_in(args):
-        for name in args.servers:
+        for name in order(args.servers):
             record("nbdcopy-in", "memory", name,
                    functools.partial(copy_in, name, image, args.size, workdir, rnd))
     if "nbdcopy-in" in args.jobs and cluster is not None:
-        for srv in servers.get("rbd", []):
+        for srv in order(servers.get("rbd", [])):
             record("nbdcopy-in", "rbd", srv.name, functools.partial(
                 copy_in_rbd, srv.name, cluster, image, args.size, workdir, rnd))
 
@@ -720,6 +728,11 @@ def start_cluster(args: argparse.Namespace, image: Path, workdir: Path,
     t0 = time.monotonic()
     cluster = rbdcluster.start(root, max(8 << 30, 4 * args.size))
     rbdcluster.import_image(cluster, image, RBD_IMAGE, args.size)
+    if "nbdcopy-in" in args.jobs:
+        # warm-up: the first copy into fresh objects grows the in-memory OSD's heap, and
+        # cost whichever server went first 4-5x the OSD CPU of later copies (measured)
+        rbdcluster.import_image(cluster, image, "warm-up", args.size)
+        rbdcluster.remove_image(cluster, "warm-up", args.size)
     print(f"ceph cluster {cluster.conf} (osd pid {cluster.osd_pid}), image "
           f"{rbdcluster.POOL}/{RBD_IMAGE} imported in {time.monotonic() - t0:.1f} s", flush=True)
     return cluster
