@@ -79,6 +79,13 @@ _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.E
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
+
+#: cachestat(2) (Linux 6.5): how much of a range is in the page cache
+_SYS_CACHESTAT = 451 if os.uname().machine in ("x86_64", "aarch64", "riscv64") else -1
+#: struct cachestat_range {u64 off, len}; struct cachestat {u64 nr_cache, nr_dirty, ...}
+_CACHESTAT_RANGE = struct.Struct("=QQ")
+_CACHESTAT = struct.Struct("=QQQQQ")
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -118,6 +125,7 @@ class _Feature(enum.Enum):
     BLKZEROOUT = enum.auto()
     BLKDISCARD = enum.auto()
     SEEK_DATA = enum.auto()
+    CACHESTAT = enum.auto()
 
 
 class FileBackend(Backend):
@@ -162,6 +170,11 @@ class FileBackend(Backend):
         self._unsupported: set[_Feature] = set()
         #: monotonic ns before which inline writes are not tried (after a slow one)
         self._inline_writes_off_until = 0
+        #: argument buffers for cachestat(2), reused (only the event loop calls it)
+        self._cachestat_range = ctypes.create_string_buffer(_CACHESTAT_RANGE.size)
+        self._cachestat = ctypes.create_string_buffer(_CACHESTAT.size)
+        if _SYS_CACHESTAT < 0:
+            self._unsupported.add(_Feature.CACHESTAT)
         #: the first failed fdatasync; set once, never cleared
         self._sync_error: OSError | None = None
         #: the fdatasync round running now, and the one callers arriving meanwhile share
@@ -199,6 +212,39 @@ class FileBackend(Backend):
         if len(view) > INLINE_MAX or _Feature.NOWAIT_READ in self._unsupported:
             return False
         return self._nowait(os.preadv, _Feature.NOWAIT_READ, view, offset) == len(view)
+
+    def sendfile_fd(self, offset: int, length: int, *, data_only: bool = False) -> int:
+        """The fd to ``os.sendfile`` the range from without blocking on storage, or -1.
+
+        Only when every page of the range is in the page cache (checked with
+        ``cachestat(2)``; -1 where the kernel lacks it) and, with
+        ``data_only``, the range holds no hole.  A page evicted between this
+        check and the send makes that one send wait for the read.
+        """
+        if _Feature.CACHESTAT in self._unsupported or offset + length > self.size:
+            return -1
+        _CACHESTAT_RANGE.pack_into(self._cachestat_range, 0, offset, length)
+        if _libc.syscall(_SYS_CACHESTAT, self._fd, self._cachestat_range,
+                         self._cachestat, 0) != 0:
+            if ctypes.get_errno() in _UNSUPPORTED or ctypes.get_errno() == errno.EINVAL:
+                self._unsupported.add(_Feature.CACHESTAT)
+            return -1
+        first, last = offset // _PAGE, (offset + length - 1) // _PAGE
+        if _CACHESTAT.unpack_from(self._cachestat)[0] < last - first + 1:
+            return -1
+        if data_only and not self.is_block_device:
+            try:
+                if os.lseek(self._fd, offset, os.SEEK_HOLE) < offset + length:
+                    return -1
+            except OSError:
+                return -1
+        return self._fd
+
+    def pread_blocking(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` now, on the caller's thread (holes and past-the-end read as
+        zeroes).  Only for a range just found in the page cache, after a
+        ``sendfile`` of it stopped part way."""
+        self._pread_all(_as_bytes(buf), offset)
 
     def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
         view = _as_bytes(data)

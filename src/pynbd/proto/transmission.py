@@ -378,12 +378,17 @@ class ServerTransmission:
 
     def reply_read(self, cookie: int, offset: int, data: Buffer) -> list[Buffer]:
         """A successful READ whose whole range is ``data``."""
-        if not self._structured:
-            return [wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data]
-        if not data:
+        if not data and self._structured:
             return [self._chunk(ReplyFlag.DONE, ReplyType.NONE, cookie, 0)]
-        return [self._chunk(ReplyFlag.DONE, ReplyType.OFFSET_DATA, cookie, 8 + len(data)),
-                wire.OFFSET_DATA.pack(offset), data]
+        return [*self.reply_read_head(cookie, offset, len(data)), data]
+
+    def reply_read_head(self, cookie: int, offset: int, length: int) -> list[Buffer]:
+        """What precedes the ``length`` (> 0) data bytes of a successful READ,
+        for a shell that sends the data itself (e.g. straight from a file)."""
+        if not self._structured:
+            return [wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)]
+        return [self._chunk(ReplyFlag.DONE, ReplyType.OFFSET_DATA, cookie, 8 + length),
+                wire.OFFSET_DATA.pack(offset)]
 
     def reply_read_sparse(self, cookie: int,
                           pieces: Sequence[tuple[int, int, Buffer | None]]) -> list[Buffer]:

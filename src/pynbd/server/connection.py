@@ -27,10 +27,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ..backends.base import ExtentFlags
 from ..proto.constants import Cmd, CmdFlag, Errno
@@ -66,6 +67,10 @@ INLINE_READ_MAX = 1024 * 1024
 SPARSE_READ_MIN = 64 * 1024
 #: reply payloads at least this large are written without joining (no extra copy)
 LARGE_WRITE = 64 * 1024
+#: reads at least this large go straight from the file with sendfile when they can
+SENDFILE_MIN = 64 * 1024
+#: most buffers one writev takes (Linux UIO_MAXIOV)
+IOV_MAX = 1024
 #: socket buffer sizes we ask for, so a 1 MiB reply usually leaves in one send
 SOCKET_BUFFER = 4 * 1024 * 1024
 #: how long closing a TLS connection waits for the client's close_notify (asyncio's
@@ -79,6 +84,14 @@ Handler = Callable[[Request], Awaitable[list[Buffer]]]
 # plain ints for the per-request path: ``int & IntFlag`` builds a new flag object
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
+
+
+class SendfileSource(Protocol):
+    """What a backend offers for sending reads straight from its file (``FileBackend``)."""
+
+    def sendfile_fd(self, offset: int, length: int, *, data_only: bool = False) -> int: ...
+
+    def pread_blocking(self, buf: memoryview, offset: int) -> None: ...
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,6 +117,10 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Future[None] | None = None
         self._core: ServerTransmission | None = None
+        #: the plain socket's fd replies may be written to directly, or -1 (TLS)
+        self._fd = -1
+        #: the export's backend, if reads can go from its file with sendfile
+        self._sendfile: SendfileSource | None = None
         #: where handshake bytes are received (the transmission core has its own)
         self._handshake_buf = bytearray(HANDSHAKE_BUFFER)
         #: requests running as tasks, with the payload bytes each holds
@@ -308,6 +325,11 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.export = export
         self._core = ServerTransmission(done.negotiated)
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None and self._transport.get_extra_info("sslcontext") is None:
+            self._fd = sock.fileno()
+            if hasattr(export.backend, "sendfile_fd"):  # not through a wrapping backend
+                self._sendfile = cast("SendfileSource", export.backend)
         self.server.client_started(self)
         self._core.receive_data(done.trailing)
         self._process()
@@ -323,7 +345,7 @@ class Connection(asyncio.BufferedProtocol):
             self._out_bytes = 0
             while not (self._closing or self._paused):
                 if self._out_bytes >= REPLY_BATCH_BYTES:  # replies leave in bounded batches
-                    _write(transport, out)
+                    self._send(out)
                     out = []
                     self._out_bytes = 0
                     continue  # writing may have paused us (the send buffer is full)
@@ -346,7 +368,7 @@ class Connection(asyncio.BufferedProtocol):
             raise
         finally:
             if out and not transport.is_closing():
-                _write(transport, out)
+                self._send(out)
         self._maybe_close()
 
     def _try_inline(self, core: ServerTransmission, request: Request,
@@ -355,19 +377,25 @@ class Connection(asyncio.BufferedProtocol):
         assert self.export is not None
         backend = self.export.backend
         if request.cmd == _READ:
-            if request.length > INLINE_READ_MAX or (
-                    core.negotiated.structured and request.length >= SPARSE_READ_MIN
-                    and backend.capabilities.can_extents and backend.capabilities.sparse_reads
-                    and not request.flags & _DF):
+            if request.length > INLINE_READ_MAX:
                 return False
-            buf = bytearray(request.length)
-            try:
-                if not backend.pread_nowait(memoryview(buf), request.offset):
-                    return False
-            except OSError:
-                return False  # the task path retries and reports the error
-            out += core.reply_read(request.cookie, request.offset, buf)
-            self._out_bytes += request.length
+            sparse = (core.negotiated.structured and request.length >= SPARSE_READ_MIN
+                      and backend.capabilities.can_extents and backend.capabilities.sparse_reads
+                      and not request.flags & _DF)
+            if (request.length >= SENDFILE_MIN and self._sendfile is not None
+                    and self._send_from_file(core, request, out, sparse=sparse)):
+                self._out_bytes = 0
+            elif sparse:
+                return False
+            else:
+                buf = bytearray(request.length)
+                try:
+                    if not backend.pread_nowait(memoryview(buf), request.offset):
+                        return False
+                except OSError:
+                    return False  # the task path retries and reports the error
+                out += core.reply_read(request.cookie, request.offset, buf)
+                self._out_bytes += request.length
             self.stats.bytes_read += request.length
         elif request.cmd == _WRITE and not request.flags & _FUA:
             assert request.payload is not None
@@ -382,6 +410,57 @@ class Connection(asyncio.BufferedProtocol):
         else:
             return False
         self.stats.requests += 1
+        return True
+
+    def _send_from_file(self, core: ServerTransmission, request: Request,
+                        out: list[Buffer], *, sparse: bool) -> bool:
+        """Answer a READ with its reply header and then ``sendfile`` from the
+        backend's file (no copy through Python), if that cannot block on
+        storage; replies gathered in ``out`` leave first.  With ``sparse``
+        only a range without holes qualifies.  False: this reply was not sent."""
+        source, transport = self._sendfile, self._transport
+        assert source is not None
+        assert transport is not None
+        offset, length = request.offset, request.length
+        src = source.sendfile_fd(offset, length, data_only=sparse)
+        if src < 0:
+            return False
+        if out:
+            self._send(out)
+            out.clear()
+        if transport.get_write_buffer_size():
+            return False  # replies are queued on the transport: this one goes after them
+        head = core.reply_read_head(request.cookie, offset, length)
+        head_size = sum(len(piece) for piece in head)
+        fd = self._fd
+        done = 0
+        try:
+            sent = os.writev(fd, head)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = -1  # the transport meets the error below and reports it
+        if sent == head_size:
+            while done < length:
+                try:
+                    count = os.sendfile(fd, src, offset + done, length - done)
+                except OSError:  # the socket is full (or broken): the rest goes below
+                    break
+                if count == 0:
+                    break  # the file shrank: the rest reads as zeroes below
+                done += count
+            if done == length:
+                return True
+        # the socket took only part of it: queue the rest, read the ordinary way
+        rest = bytearray(length - done)
+        try:
+            source.pread_blocking(memoryview(rest), offset + done)
+        except OSError as err:
+            # the reply has begun and cannot become an error reply: the stream is lost
+            log.info("%s: read failed after its reply began: %s", self.peer, err)
+            self._abort()
+            return True
+        _write(transport, [b"".join(head)[max(sent, 0):], rest])
         return True
 
     def _spawn(self, core: ServerTransmission, request: Request) -> None:
@@ -421,7 +500,43 @@ class Connection(asyncio.BufferedProtocol):
             reply = core.reply_error(request.cookie, Errno.EIO, str(err))
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            _write(transport, reply)
+            self._send(reply)
+
+    def _send(self, buffers: list[Buffer]) -> None:
+        """Write whole replies, in order.
+
+        While the transport has nothing queued, the buffers go straight to the
+        socket with ``writev`` (one system call, no joining copy); whatever
+        the socket does not take at once is queued on the transport, after
+        which everything goes through the transport until it has drained.
+        TLS connections always use the transport.
+        """
+        transport = self._transport
+        assert transport is not None
+        fd = self._fd
+        if fd < 0 or transport.get_write_buffer_size():
+            _write(transport, buffers)
+            return
+        start = 0
+        while start < len(buffers):
+            group = buffers[start:start + IOV_MAX] if start or len(buffers) > IOV_MAX \
+                else buffers
+            try:
+                sent = os.writev(fd, group)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                # a broken connection: let the transport meet the error and report it
+                _write(transport, buffers[start:])
+                return
+            for i, buf in enumerate(group):
+                size = len(buf)
+                if sent < size:
+                    rest = memoryview(buf).cast("B")[sent:] if sent else buf
+                    _write(transport, [rest, *group[i + 1:], *buffers[start + len(group):]])
+                    return
+                sent -= size
+            start += len(group)
 
     # -- reading and closing ------------------------------------------------------------
 
@@ -546,21 +661,20 @@ class Connection(asyncio.BufferedProtocol):
 
 
 def _write(transport: asyncio.Transport, buffers: list[Buffer]) -> None:
-    """Send replies: small pieces joined into one write, large payloads on their own.
+    """Queue replies on the transport: small pieces joined, large payloads on their own.
 
     Joining costs a copy of everything joined; for a large READ payload that
-    copy is worth more than the extra system call it saves.
+    copy is worth more than the extra system call it saves.  Views are
+    copied: the transport may keep what it is given until it is sent, and a
+    view may show storage that later writes change.
     """
-    if len(buffers) == 1:
-        transport.write(buffers[0])
-        return
     small: list[Buffer] = []
     for buf in buffers:
         if len(buf) >= LARGE_WRITE:
             if small:
                 transport.write(b"".join(small))
                 small = []
-            transport.write(buf)
+            transport.write(bytes(buf) if isinstance(buf, memoryview) else buf)
         else:
             small.append(buf)
     if small:

@@ -1,0 +1,164 @@
+"""Large reads of a file export go out with sendfile, and stay whole and in order.
+
+A server runs in-process over a ``FileBackend``; a raw client floods it with
+1 MiB reads it does not collect at first, so the socket fills up part way
+through a reply (the rest is then queued the ordinary way), and checks every
+byte of every reply afterwards.  The backend's ``sendfile_fd`` answers -1 for
+ranges that are not all in the page cache or, when asked, hold a hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pynbd.backends import FileBackend
+from pynbd.proto import wire
+from pynbd.proto.constants import (
+    IHAVEOPT,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    ClientFlag,
+    Cmd,
+    Opt,
+    Rep,
+)
+from pynbd.server import Export, ExportTable, Server
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+MIB = 1 << 20
+SIZE = 16 * MIB
+TIMEOUT = 30.0
+
+
+def make_file(tmp_path: Path) -> tuple[str, bytes]:
+    data = random.Random(7).randbytes(SIZE)
+    path = tmp_path / "disk.img"
+    path.write_bytes(data)
+    with path.open("rb") as fh:  # into the page cache
+        fh.read()
+    return str(path), data
+
+
+async def connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_unix_connection(path, limit=4 * MIB)
+    await reader.readexactly(wire.GREETING.size)
+    writer.write(wire.CLIENT_FLAGS.pack(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES))
+    data = struct.pack(">IH", 0, 0)
+    writer.write(wire.OPTION_HEADER.pack(IHAVEOPT, Opt.GO, len(data)) + data)
+    while True:
+        _, _, rep, length = wire.OPTION_REPLY_HEADER.unpack(
+            await reader.readexactly(wire.OPTION_REPLY_HEADER.size))
+        await reader.readexactly(length)
+        if rep == Rep.ACK:
+            return reader, writer
+        assert rep == Rep.INFO
+
+
+def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    image, content = make_file(tmp_path)
+    calls = {"sendfile": 0, "rest": 0}
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        calls["sendfile"] += 1
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+    real_rest = FileBackend.pread_blocking
+
+    def counting_rest(self: FileBackend, buf: memoryview, offset: int) -> None:
+        calls["rest"] += 1
+        real_rest(self, buf, offset)
+
+    monkeypatch.setattr(FileBackend, "pread_blocking", counting_rest)
+
+    async def body() -> None:
+        backend = FileBackend(image)
+        table = ExportTable()
+        table.add(Export("", backend, multi_conn=True))
+        server = Server(table, max_connections=0, persistent=True)
+        path = str(tmp_path / "nbd.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen()
+        sock.setblocking(False)
+        await server.start([sock])
+        try:
+            reader, writer = await connect(path)
+            rng = random.Random(3)
+            plan = []
+            for cookie in range(48):
+                length = rng.choice([MIB, 256 * 1024, 64 * 1024 + 512, 4096])
+                offset = rng.randrange(0, SIZE - length)
+                if cookie % 3 == 0:
+                    offset -= offset % 4096  # some page-aligned, most not
+                plan.append((cookie, offset, length))
+                writer.write(wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, cookie,
+                                               offset, length))
+            await writer.drain()
+            await asyncio.sleep(0.2)  # let the server fill the socket before we read
+            pending = {cookie: (offset, length) for cookie, offset, length in plan}
+            while pending:  # replies may come in any order; each must be whole
+                magic, error, cookie = wire.SIMPLE_REPLY.unpack(
+                    await reader.readexactly(wire.SIMPLE_REPLY.size))
+                assert (magic, error) == (SIMPLE_REPLY_MAGIC, 0)
+                offset, length = pending.pop(cookie)
+                data = await reader.readexactly(length)
+                assert data == content[offset:offset + length], cookie
+            writer.close()
+        finally:
+            await server.close()
+            sock.close()
+            await backend.close()
+
+    async def bounded() -> None:
+        async with asyncio.timeout(TIMEOUT):
+            await body()
+
+    asyncio.run(bounded())
+    assert calls["sendfile"] > 0, "no read went out with sendfile"
+    assert calls["rest"] > 0, "the socket never filled part way through a reply"
+
+
+def test_sendfile_fd_only_for_cached_data(tmp_path: Path) -> None:
+    image, _ = make_file(tmp_path)
+    backend = FileBackend(image)
+    try:
+        if backend.sendfile_fd(0, MIB) < 0:
+            pytest.skip("this kernel has no cachestat(2)")
+        assert backend.sendfile_fd(0, MIB, data_only=True) >= 0
+        assert backend.sendfile_fd(SIZE - 4096, 8192) == -1  # past the end
+        # a hole: cached (it reads as zeroes) but not data
+        fd = os.open(image, os.O_RDWR)
+        try:
+            os.truncate(image, SIZE + 4 * MIB)
+            with open(image, "rb") as fh:
+                fh.seek(SIZE)
+                fh.read(4 * MIB)
+        finally:
+            os.close(fd)
+        grown = FileBackend(image)
+        try:
+            assert grown.sendfile_fd(SIZE, MIB, data_only=True) == -1
+            # out of the page cache: no sendfile (it could block on the disk)
+            fd = os.open(image, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            assert grown.sendfile_fd(2 * MIB, MIB) == -1
+        finally:
+            asyncio.run(grown.close())
+    finally:
+        asyncio.run(backend.close())
