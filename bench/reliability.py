@@ -105,7 +105,10 @@ def server_command(name: str, image: Path, sock: Path, workdir: Path) -> list[st
     if name == "nbd-server":
         config = workdir / "nbd-server.conf"
         config.write_text(f"[generic]\nunixsock = {sock}\n"
-                          f"[bench]\nexportname = {image}\nreadonly = false\n")
+                          f"[bench]\nexportname = {image}\nreadonly = false\n"
+                          # advertise FLUSH, FUA and TRIM as the others do, so that the
+                          # checker sends nbd-server the same mix of commands
+                          "flush = true\nfua = true\ntrim = true\n")
         return ["nbd-server", "-C", str(config), "-p", str(workdir / "nbd-server.pid")]
     return [sys.executable, str(ROOT / "tests/support/broken_server.py"), "--socket",
             str(sock), "--size", "16M", "--cache", "on"]

@@ -199,7 +199,8 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
         return ["nbdkit", "-f", "-U", str(sock), *plugin]
     config = workdir / f"nbd-server-{tag}.conf"
     config.write_text(f"[generic]\nunixsock = {sock}\n"
-                      f"[bench]\nexportname = {target}\nreadonly = false\n")
+                      f"[bench]\nexportname = {target}\nreadonly = false\n"
+                      "flush = true\nfua = true\ntrim = true\n")
     return ["nbd-server", "-C", str(config), "-p", str(workdir / f"nbd-server-{tag}.pid")]
 
 

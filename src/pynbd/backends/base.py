@@ -99,7 +99,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
-        """Write all of ``data`` at ``offset``; with ``fua``, durably before returning."""
+        """Write all of ``data`` at ``offset``; with ``fua``, durably before returning.
+
+        ``data`` is only lent for the call: the server reuses the buffer for
+        another request once this returns, so a backend that keeps the bytes
+        (a cache, a queue) must copy them.  The same holds for
+        ``pwrite_nowait``.
+        """
 
     @abc.abstractmethod
     async def flush(self) -> None:
