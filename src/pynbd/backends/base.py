@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,6 +83,12 @@ class FastZeroUnsupported(OSError):
         super().__init__(errno.ENOTSUP, message)
 
 
+#: ``start_read``'s completion: the data, or the error
+ReadDone = Callable[[bytes | bytearray | None, OSError | None], None]
+#: ``start_write``'s completion: None, or the error
+WriteDone = Callable[[OSError | None], None]
+
+
 class Backend(abc.ABC):
     """Storage behind an export.
 
@@ -144,6 +151,26 @@ class Backend(abc.ABC):
         buf = bytearray(length)
         await self.pread(memoryview(buf), offset)
         return buf
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        """Start a read that completes by itself; False: not offered, use ``read``.
+
+        For storage that completes requests on threads of its own (librbd):
+        the server then needs no task per request.  ``done(data, None)`` or
+        ``done(None, error)`` is called exactly once, later, on the event
+        loop's thread, never from within this call.  Raises ``OSError`` if
+        the request cannot even be started.
+        """
+        return False
+
+    def start_write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        """Start a write that completes by itself; False: not offered, use ``pwrite``.
+
+        As ``start_read``; ``done(None)`` or ``done(error)``.  ``data`` is lent
+        until ``done`` is called.
+        """
+        return False
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         """Fill ``buf`` at once if that cannot block (e.g. a page-cache hit).

@@ -36,12 +36,18 @@ import errno
 import importlib
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from .base import Backend, Capabilities, Extent, ExtentFlags, FastZeroUnsupported
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from .base import (
+    Backend,
+    Capabilities,
+    Extent,
+    ExtentFlags,
+    FastZeroUnsupported,
+    ReadDone,
+    WriteDone,
+)
 
 PREFIX = "rbd:"
 
@@ -55,6 +61,9 @@ _THICK_PROVISION = 1
 #: Seconds to wait for the monitors before giving up at open, unless the spec
 #: sets ``client_mount_timeout`` itself (librbd's own default is 300 s).
 DEFAULT_MOUNT_TIMEOUT = 15
+
+#: what the loop calls with an aio call's return value and data (reads: the bytes)
+_Completion = Callable[[int, tuple[Any, ...]], None]
 
 #: open, close and block status (the blocking librbd calls) run here
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pynbd-rbd")
@@ -301,25 +310,62 @@ class RbdBackend(Backend):
 
     # -- completions -------------------------------------------------------------------------
 
-    def _submit(self, start: Callable[[Callable[..., None]], object]) -> asyncio.Future[Any]:
-        """Start an aio call; the future gets its return value (and data, for reads)."""
+    def _start(self, call: Callable[[Callable[..., None]], object],
+               callback: _Completion) -> None:
+        """Start an aio call; ``callback(result, data)`` runs on the loop when it completes."""
         loop = asyncio.get_running_loop()
         handoff = self._handoff
         if handoff is None or handoff.loop is not loop:
             handoff = self._handoff = _Handoff(loop)
-        future: asyncio.Future[Any] = loop.create_future()
         put = handoff.put
 
         def done(completion: Any, *data: Any) -> None:
             # on a librbd thread: hand over to the loop, nothing else
-            put(future, completion.get_return_value(), data)
+            put(callback, completion.get_return_value(), data)
 
         try:
-            start(done)
+            call(done)
         except self._rbd.Error as exc:
-            future.cancel()
             raise _oserror(exc, "rbd") from None
+
+    def _submit(self, call: Callable[[Callable[..., None]], object]) -> asyncio.Future[Any]:
+        """Start an aio call; the future gets ``(result, data)``."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def settle(result: int, data: tuple[Any, ...]) -> None:
+            if not future.done():
+                future.set_result((result, data))
+
+        self._start(call, settle)
         return future
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        if length == 0:
+            return False
+
+        def complete(result: int, data: tuple[Any, ...]) -> None:
+            try:
+                got = _read_result(result, data, offset, length)
+            except OSError as err:
+                done(None, err)
+            else:
+                done(got, None)
+
+        self._start(lambda cb: self._image.aio_read(offset, length, cb), complete)
+        return True
+
+    def start_write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        if not data or (fua and self.client_cache):
+            return False
+        payload = data if isinstance(data, bytes | bytearray) else bytes(data)
+
+        def complete(result: int, _: tuple[Any, ...]) -> None:
+            done(OSError(-result, f"rbd write at {offset}: {os.strerror(-result)}")
+                 if result < 0 else None)
+
+        self._start(lambda cb: self._image.aio_write(payload, offset, cb), complete)
+        return True
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         if buf:
@@ -330,11 +376,7 @@ class RbdBackend(Backend):
             return b""
         result, data = await self._submit(
             lambda cb: self._image.aio_read(offset, length, cb))
-        if result < 0:
-            raise OSError(-result, f"rbd read at {offset}: {os.strerror(-result)}")
-        got: bytes = data[0] if data else b""
-        # librbd's own buffer, no copy; past a shrunk image's end: zeroes
-        return got if len(got) == length else got + bytes(length - len(got))
+        return _read_result(result, data, offset, length)
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
@@ -411,24 +453,25 @@ class RbdBackend(Backend):
 class _Handoff:
     """Completions from librbd's threads to the event loop, one wakeup per batch.
 
-    ``put`` runs on a librbd thread: it queues the result and wakes the loop
-    only if no wakeup is pending (``call_soon_threadsafe`` writes to the loop's
-    self-pipe each time).  ``put`` also pins a Python thread state to the
-    calling thread: otherwise the binding creates and destroys one for every
-    callback (an mmap/munmap pair and a page fault per I/O, measured).
+    ``put`` runs on a librbd thread: it queues ``(callback, result, data)``
+    and wakes the loop only if no wakeup is pending (``call_soon_threadsafe``
+    writes to the loop's self-pipe each time); the loop then calls each
+    ``callback(result, data)``.  ``put`` also pins a Python thread state to
+    the calling thread: otherwise the binding creates and destroys one for
+    every callback (an mmap/munmap pair and a page fault per I/O, measured).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Future[Any], int, tuple[Any, ...]]] = []
+        self._items: list[tuple[_Completion, int, tuple[Any, ...]]] = []
         self._scheduled = False
 
-    def put(self, future: asyncio.Future[Any], result: int, data: tuple[Any, ...]) -> None:
+    def put(self, callback: _Completion, result: int, data: tuple[Any, ...]) -> None:
         if not getattr(_pinned, "done", False):
             _pin_thread_state()
         with self._lock:
-            self._items.append((future, result, data))
+            self._items.append((callback, result, data))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -439,9 +482,8 @@ class _Handoff:
         with self._lock:
             items, self._items = self._items, []
             self._scheduled = False
-        for future, result, data in items:
-            if not future.done():
-                future.set_result((result, data))
+        for callback, result, data in items:
+            callback(result, data)
 
 
 #: per-thread flag: this librbd thread keeps its Python thread state
@@ -457,6 +499,15 @@ def _pin_thread_state() -> None:
     """
     ctypes.pythonapi.PyGILState_Ensure()
     _pinned.done = True
+
+
+def _read_result(result: int, data: tuple[Any, ...], offset: int, length: int) -> bytes:
+    """An ``aio_read``'s outcome: librbd's own buffer (no copy), or ``OSError``."""
+    if result < 0:
+        raise OSError(-result, f"rbd read at {offset}: {os.strerror(-result)}")
+    got: bytes = data[0] if data else b""
+    # past a shrunk image's end: zeroes
+    return got if len(got) == length else got + bytes(length - len(got))
 
 
 def _check(result: int, what: str, offset: int) -> None:

@@ -9,10 +9,12 @@ Rules of this module:
 - Every request parsed from a received chunk is handled before the next
   chunk is read.  Cheap requests (a READ the backend can serve without
   blocking, a plain WRITE the backend can take without blocking) are answered
-  inline with no task at all; every other request runs as a task.  Replies
-  produced while handling one chunk leave in one write.
-- At most ``MAX_IN_FLIGHT`` tasks per connection; reading pauses while that
-  many are outstanding, and while the socket's send buffer is full.
+  inline with no task at all; a READ or WRITE the backend completes by
+  itself (``start_read``/``start_write``: librbd's aio) is started with a
+  completion callback, also without a task; every other request runs as a
+  task.  Replies produced while handling one chunk leave in one write.
+- At most ``MAX_IN_FLIGHT`` requests in flight per connection; reading pauses
+  while that many are outstanding, and while the socket's send buffer is full.
 - Each reply is written whole with one ``transport.write``, so replies never
   interleave; they may leave in any order.
 - A failing request becomes an error reply; it never ends the connection.
@@ -123,8 +125,9 @@ class Connection(asyncio.BufferedProtocol):
         self._sendfile: SendfileSource | None = None
         #: where handshake bytes are received (the transmission core has its own)
         self._handshake_buf = bytearray(HANDSHAKE_BUFFER)
-        #: requests running as tasks, with the payload bytes each holds
-        self._tasks: dict[asyncio.Future[None], int] = {}
+        #: requests in flight (tasks, or tokens of direct ones), with the payload bytes
+        #: each holds
+        self._tasks: dict[object, int] = {}
         self._inflight_bytes = 0
         #: reply bytes gathered by the current ``_process`` call
         self._out_bytes = 0
@@ -356,7 +359,8 @@ class Connection(asyncio.BufferedProtocol):
                     if self._shutting_down:
                         out += core.reply_error(event.cookie, Errno.ESHUTDOWN,
                                                 "server is shutting down")
-                    elif not self._try_inline(core, event, out):
+                    elif not (self._try_inline(core, event, out)
+                              or self._try_direct(core, event)):
                         self._spawn(core, event)
                 elif isinstance(event, InvalidRequest):
                     out += core.reply_error(event.cookie, event.errno, event.message)
@@ -463,17 +467,80 @@ class Connection(asyncio.BufferedProtocol):
         _write(transport, [b"".join(head)[max(sent, 0):], rest])
         return True
 
+    def _try_direct(self, core: ServerTransmission, request: Request) -> bool:
+        """Start a READ or WRITE that the backend completes by itself (``start_read``,
+        ``start_write``: librbd), without a task; False if the backend does not offer it."""
+        assert self.export is not None
+        backend = self.export.backend
+        token = object()
+        if request.cmd == _READ:
+            caps = backend.capabilities
+            if (core.negotiated.structured and request.length >= SPARSE_READ_MIN
+                    and caps.can_extents and caps.sparse_reads and not request.flags & _DF):
+                return False
+
+            def read_done(data: bytes | bytearray | None, error: OSError | None) -> None:
+                if data is not None:
+                    self.stats.bytes_read += request.length
+                    self._direct_done(token, core.reply_read(request.cookie, request.offset,
+                                                             data))
+                else:
+                    self._direct_done(token, self._error_reply(core, request, error))
+
+            try:
+                started = backend.start_read(request.offset, request.length, read_done)
+            except OSError:
+                return False  # the task path retries and reports the error
+        elif request.cmd == _WRITE:
+            payload = request.payload
+            assert payload is not None
+
+            def write_done(error: OSError | None) -> None:
+                core.recycle(payload)  # the backend is done with it
+                if error is None:
+                    self.stats.bytes_written += request.length
+                    self._direct_done(token, core.reply_ok(request.cookie))
+                else:
+                    self._direct_done(token, self._error_reply(core, request, error))
+
+            try:
+                started = backend.start_write(payload, request.offset,
+                                              bool(request.flags & _FUA), write_done)
+            except OSError:
+                return False
+        else:
+            return False
+        if started:
+            self.stats.requests += 1
+            self._track(token, request.length)
+        return started
+
+    def _direct_done(self, token: object, reply: list[Buffer]) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            self._send(reply)
+        self._task_done(token)
+
+    def _error_reply(self, core: ServerTransmission, request: Request,
+                     error: OSError | None) -> list[Buffer]:
+        assert error is not None
+        errno = nbd_errno(error.errno, cmd=request.cmd, flags=request.flags)
+        return core.reply_error(request.cookie, errno, error.strerror or str(error))
+
     def _spawn(self, core: ServerTransmission, request: Request) -> None:
         task = asyncio.ensure_future(self._serve(core, request))
-        cost = request.length if request.cmd in (_READ, _WRITE) else 0
-        self._tasks[task] = cost
-        self._inflight_bytes += cost
+        self._track(task, request.length if request.cmd in (_READ, _WRITE) else 0)
         task.add_done_callback(self._task_done)
+
+    def _track(self, token: object, cost: int) -> None:
+        """Count a request in flight (a task, or a token for a direct one)."""
+        self._tasks[token] = cost
+        self._inflight_bytes += cost
         if len(self._tasks) >= MAX_IN_FLIGHT or self._inflight_bytes >= MAX_IN_FLIGHT_BYTES:
             self._paused_for_tasks = True
             self._update_reading()
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: object) -> None:
         self._inflight_bytes -= self._tasks.pop(task, 0)
         if (self._paused_for_tasks and len(self._tasks) < MAX_IN_FLIGHT // 2
                 and self._inflight_bytes < MAX_IN_FLIGHT_BYTES // 2):
@@ -493,8 +560,7 @@ class Connection(asyncio.BufferedProtocol):
                 stats.bytes_written += request.length
                 core.recycle(request.payload)  # the backend is done with it
         except OSError as err:
-            errno = nbd_errno(err.errno, cmd=request.cmd, flags=request.flags)
-            reply = core.reply_error(request.cookie, errno, err.strerror or str(err))
+            reply = self._error_reply(core, request, err)
         except Exception as err:  # a backend bug must not kill the connection
             log.exception("%s: request %s failed", self.peer, Cmd(request.cmd).name)
             reply = core.reply_error(request.cookie, Errno.EIO, str(err))

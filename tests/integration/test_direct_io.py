@@ -1,0 +1,224 @@
+"""Backends that complete READ and WRITE by themselves (``start_read``/``start_write``).
+
+librbd completes requests on its own threads; for such backends the server
+starts a request with a completion callback instead of a task.  Here a memory
+backend imitates that (its completions come from another thread, through the
+loop's ``call_soon_threadsafe``), and pynbd's own client checks, over several
+connections with many requests in flight: data, error replies (the connection
+stays up), the FUA fallback to the task path, and that every request is
+accounted for (the connection drains and closes cleanly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import random
+import socket
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pynbd.backends import MemoryBackend
+from pynbd.client import NBDClient, RequestError
+from pynbd.server import Export, ExportTable, Server
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    from pynbd.backends.base import ReadDone, WriteDone
+
+MIB = 1 << 20
+SIZE = 8 * MIB
+TIMEOUT = 30.0
+
+
+class ThreadedBackend(MemoryBackend):
+    """Completes reads and writes after a hop through another thread, like librbd's aio.
+
+    The work itself runs on the loop's thread (the memory store is not thread
+    safe); what matters is that completions arrive later, through
+    ``call_soon_threadsafe``.  The inline path is refused, so that every plain
+    READ and WRITE goes through ``start_read``/``start_write``.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        # like rbd: no block-status probe before large reads, so they come here too
+        self.capabilities = dataclasses.replace(self.capabilities, sparse_reads=False)
+        self.started = {"read": 0, "write": 0}
+        #: set once 8 writes have started
+        self.in_flight = asyncio.Event()
+        #: offsets whose direct requests fail with this errno
+        self.fail: dict[int, int] = {}
+        self.pwrite_calls = 0
+
+    @staticmethod
+    def _later(work: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=loop.call_soon_threadsafe, args=(work,), daemon=True).start()
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        self.started["read"] += 1
+
+        def work() -> None:
+            if offset in self.fail:
+                done(None, OSError(self.fail[offset], "injected read error"))
+                return
+            buf = bytearray(length)
+            assert MemoryBackend.pread_nowait(self, memoryview(buf), offset)
+            done(buf, None)
+
+        self._later(work)
+        return True
+
+    def start_write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        if fua:
+            return False  # the server falls back to the task path (pwrite)
+        self.started["write"] += 1
+        if self.started["write"] >= 8:
+            self.in_flight.set()
+
+        def work() -> None:
+            if offset in self.fail:
+                done(OSError(self.fail[offset], "injected write error"))
+                return
+            # data is lent until done(): read it only now
+            assert MemoryBackend.pwrite_nowait(self, bytes(data), offset)
+            done(None)
+
+        self._later(work)
+        return True
+
+    # the task path (sparse reads, FUA writes): MemoryBackend's own store, since
+    # the nowait methods below refuse on purpose
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        MemoryBackend.pread_nowait(self, buf, offset)
+
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
+                     fua: bool = False) -> None:
+        self.pwrite_calls += 1
+        MemoryBackend.pwrite_nowait(self, data, offset)
+
+    def pread_nowait(self, buf: memoryview, offset: int) -> bool:
+        return False
+
+    def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def serving(backend: ThreadedBackend, tmp_path: Path) -> AsyncIterator[tuple[Server, str]]:
+    table = ExportTable()
+    table.add(Export("", backend, multi_conn=True))
+    server = Server(table, max_connections=0, persistent=True)
+    path = str(tmp_path / "nbd.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen()
+    sock.setblocking(False)
+    await server.start([sock])
+    try:
+        yield server, f"nbd+unix:///?socket={path}"
+    finally:
+        await server.close()
+        sock.close()
+
+
+def test_many_direct_requests_over_several_connections(tmp_path: Path) -> None:
+    backend = ThreadedBackend(SIZE)
+    model = bytearray(SIZE)
+
+    async def worker(uri: str, seed: int) -> None:
+        rng = random.Random(seed)
+        async with await NBDClient.connect(uri) as client:
+            # each worker owns its own quarter: its reads must see its writes
+            base = seed * (SIZE // 4)
+            pending = []
+            for i in range(64):
+                length = rng.choice([512, 4096, 65536, 300_000])
+                offset = base + rng.randrange(0, SIZE // 4 - length)
+                data = rng.randbytes(length)
+                model[offset:offset + length] = data
+                await client.pwrite(data, offset)
+                pending.append(client.pread(offset, length))
+                if i % 8 == 7:
+                    for got in await asyncio.gather(*pending):
+                        assert len(got) > 0
+                    pending = []
+            await asyncio.gather(*pending)
+            assert await client.pread(base, SIZE // 4) == bytes(model[base:base + SIZE // 4])
+
+    async def body() -> None:
+        async with serving(backend, tmp_path) as (_, uri):
+            await asyncio.wait_for(asyncio.gather(*(worker(uri, s) for s in range(4))),
+                                   TIMEOUT)
+
+    asyncio.run(body())
+    assert backend.started["read"] == 4 * 64 + 4
+    assert backend.started["write"] == 256
+    assert backend.pwrite_calls == 0
+
+
+def test_direct_errors_become_error_replies(tmp_path: Path) -> None:
+    backend = ThreadedBackend(SIZE)
+    backend.fail = {4096: errno.EIO, 8192: errno.ENOSPC}
+
+    async def body() -> None:
+        async with serving(backend, tmp_path) as (_, uri), \
+                await NBDClient.connect(uri) as client:
+            with pytest.raises(RequestError) as read_error:
+                await client.pread(4096, 512)
+            assert read_error.value.errno == errno.EIO
+            with pytest.raises(RequestError) as write_error:
+                await client.pwrite(b"x" * 512, 8192)
+            assert write_error.value.errno == errno.ENOSPC
+            # the connection is still up, and the data is untouched
+            backend.fail.clear()
+            await client.pwrite(b"y" * 512, 0)
+            assert await client.pread(0, 1024) == b"y" * 512 + bytes(512)
+            assert await client.pread(8192, 512) == bytes(512)
+
+    asyncio.run(asyncio.wait_for(body(), TIMEOUT))
+
+
+def test_fua_write_falls_back_to_the_task_path(tmp_path: Path) -> None:
+    backend = ThreadedBackend(SIZE)
+
+    async def body() -> None:
+        async with serving(backend, tmp_path) as (_, uri), \
+                await NBDClient.connect(uri) as client:
+            await client.pwrite(b"f" * 4096, 0, fua=True)
+            assert await client.pread(0, 4096) == b"f" * 4096
+
+    asyncio.run(asyncio.wait_for(body(), TIMEOUT))
+    assert backend.pwrite_calls == 1
+    assert backend.started["write"] == 0
+
+
+def test_server_stop_waits_for_direct_requests(tmp_path: Path) -> None:
+    """Requests in flight when the server stops still get their replies."""
+    backend = ThreadedBackend(SIZE)
+
+    async def body() -> None:
+        async with serving(backend, tmp_path) as (server, uri):
+            client = await NBDClient.connect(uri)
+            writes = [asyncio.ensure_future(client.pwrite(bytes([i]) * 4096, i * 4096))
+                      for i in range(1, 33)]
+            await backend.in_flight.wait()  # some are in flight in the server
+            await server.close()
+            results = await asyncio.gather(*writes, return_exceptions=True)
+            done = [r for r in results if r is None]
+            assert len(done) >= 8, results  # in flight at the stop: answered
+            for i, result in enumerate(results, start=1):
+                if result is None:
+                    assert MemoryBackend.pread_nowait(backend, memoryview(buf := bytearray(4096)),
+                                                      i * 4096)
+                    assert buf == bytes([i]) * 4096
+
+    asyncio.run(asyncio.wait_for(body(), TIMEOUT))
