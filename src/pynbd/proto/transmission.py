@@ -76,6 +76,8 @@ _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
 RECV_BUFFER_MIN = 4 * 1024
 #: ... and grows up to this while receives keep filling it (pipelined requests)
 RECV_BUFFER_MAX = 256 * 1024
+#: the receive buffer of a connection with nothing pending (shared, never written)
+_NO_BUFFER = bytearray()
 #: WRITE payloads at least this large that did not arrive whole with their
 #: header are received straight into their own buffer (no copy)
 DIRECT_PAYLOAD_MIN = 64 * 1024
@@ -145,6 +147,8 @@ class ServerTransmission:
         payload = self._payload
         if payload is not None and self._filled < len(payload):
             return memoryview(payload)[self._filled:]
+        if not self._buf:
+            self._buf = bytearray(RECV_BUFFER_MIN)
         if self._pos == self._end:
             self._pos = self._end = 0
             if self._header_first:
@@ -245,6 +249,11 @@ class ServerTransmission:
             pos = self._pos
             avail = self._end - pos
             if avail < wire.REQUEST.size:
+                if not avail and len(self._buf) == RECV_BUFFER_MIN:
+                    # all consumed: an idle connection holds no receive buffer
+                    # (``get_buffer`` makes a new one when bytes arrive)
+                    self._buf = _NO_BUFFER
+                    self._pos = self._end = 0
                 return NEED_DATA
             magic, flags, cmd, cookie, offset, length = wire.REQUEST.unpack_from(
                 self._buf, pos)

@@ -80,6 +80,10 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 TLS_SHUTDOWN_TIMEOUT = 2.0
 #: receive buffer for the handshake (options are short; longer ones arrive in pieces)
 HANDSHAKE_BUFFER = 4096
+#: ... one for every connection: ``buffer_updated`` copies what lands there into
+#: the handshake core at once, and asyncio calls ``get_buffer`` and
+#: ``buffer_updated`` back to back for one connection at a time
+_HANDSHAKE_BUFFER = bytearray(HANDSHAKE_BUFFER)
 
 Handler = Callable[[Request], Awaitable[list[Buffer]]]
 
@@ -124,7 +128,7 @@ class Connection(asyncio.BufferedProtocol):
         #: the export's backend, if reads can go from its file with sendfile
         self._sendfile: SendfileSource | None = None
         #: where handshake bytes are received (the transmission core has its own)
-        self._handshake_buf = bytearray(HANDSHAKE_BUFFER)
+        self._handshake_buf = _HANDSHAKE_BUFFER
         #: requests in flight (tasks, or tokens of direct ones), with the payload bytes
         #: each holds
         self._tasks: dict[object, int] = {}

@@ -216,3 +216,30 @@ def test_recycle_ignores_small_and_immutable_payloads() -> None:
     (event,) = events
     assert isinstance(event, Request)
     assert event.payload == bytes([3]) * DIRECT_PAYLOAD_MIN
+
+
+def test_an_idle_connection_holds_no_receive_buffer() -> None:
+    """Once everything received is parsed, a minimal receive buffer is let go (1,000
+    idle clients cost a few MiB); the next ``get_buffer`` makes a new one."""
+    core = ServerTransmission(NEGOTIATED)
+    for cookie in range(3):
+        view = core.get_buffer()
+        assert len(view) == RECV_BUFFER_MIN
+        data = req(Cmd.READ, 4096 * cookie, 4096, cookie)
+        view[:len(data)] = data
+        core.buffer_updated(len(data))
+        events = drain(core)
+        assert [e.cookie for e in events if isinstance(e, Request)] == [cookie]
+        assert core.pending_bytes == 0
+        assert len(core._buf) == 0
+    # a partial header keeps its buffer until the rest arrives
+    data = req(Cmd.READ, 0, 512, 9)
+    view = core.get_buffer()
+    view[:10] = data[:10]
+    core.buffer_updated(10)
+    assert drain(core) == []
+    assert len(core._buf) == RECV_BUFFER_MIN
+    view = core.get_buffer()
+    view[:len(data) - 10] = data[10:]
+    core.buffer_updated(len(data) - 10)
+    assert [e.cookie for e in drain(core) if isinstance(e, Request)] == [9]
