@@ -35,7 +35,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ..backends.base import ExtentFlags
+from ..backends.base import Backend, ExtentFlags
 from ..proto.constants import Cmd, CmdFlag, Errno
 from ..proto.errors import ProtocolError, nbd_errno
 from ..proto.events import (
@@ -116,6 +116,8 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.peer = "unknown"
         self.export: Export | None = None
+        #: the export's backend can answer reads inline (it has a real pread_nowait)
+        self._nowait_reads = False
         self.stats = ConnectionStats()
         self.refusal: str | None = None
         self._transport: asyncio.Transport | None = None
@@ -331,6 +333,8 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.close()
             return
         self.export = export
+        # a backend without pread_nowait (rbd) must not pay a buffer per READ for nothing
+        self._nowait_reads = type(export.backend).pread_nowait is not Backend.pread_nowait
         self._core = ServerTransmission(done.negotiated)
         sock = self._transport.get_extra_info("socket")
         if sock is not None and self._transport.get_extra_info("sslcontext") is None:
@@ -393,7 +397,7 @@ class Connection(asyncio.BufferedProtocol):
             if (request.length >= SENDFILE_MIN and self._sendfile is not None
                     and self._send_from_file(core, request, out, sparse=sparse)):
                 self._out_bytes = 0
-            elif sparse:
+            elif sparse or not self._nowait_reads:
                 return False
             else:
                 buf = bytearray(request.length)
