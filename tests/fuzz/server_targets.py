@@ -186,42 +186,69 @@ def _check_transmission_error(core: ServerTransmission, err: ProtocolError) -> N
 
 
 def serve(core: ServerTransmission, stream: Iterable[bytes], seed: int,
-          max_payload: int) -> None:
-    """Feed ``stream`` to ``core`` piece by piece, answering every event."""
+          max_payload: int, *, buffered: bool = False) -> None:
+    """Feed ``stream`` to ``core`` piece by piece, answering every event.
+
+    ``buffered``: as the asyncio shell does, through ``get_buffer`` /
+    ``buffer_updated`` (a piece may take several rounds, with the events handled
+    after each), and WRITE payloads are given back with ``recycle``.
+    """
+    for piece in stream:
+        pos = 0
+        while True:
+            if buffered:
+                view = core.get_buffer()
+                assert len(view) >= 1
+                take = min(len(view), len(piece) - pos)
+                view[:take] = piece[pos:pos + take]
+                core.buffer_updated(take)
+                pos += take
+            else:
+                core.receive_data(piece)
+                pos = len(piece)
+            if not _handle(core, piece, seed, max_payload, recycle=buffered):
+                return
+            if pos >= len(piece):
+                break
+
+
+def _handle(core: ServerTransmission, piece: bytes, seed: int, max_payload: int, *,
+            recycle: bool) -> bool:
+    """Answer every event the core has; False once the connection is over."""
     negotiated = core.negotiated
     structured = negotiated.structured
-    bound = wire.REQUEST.size + max_payload
-    for piece in stream:
-        core.receive_data(piece)
-        events = drain(core)
-        while True:
-            try:
-                event = next(events, NEED_DATA)
-            except ProtocolError as err:
-                _check_transmission_error(core, err)
-                return
-            if event is NEED_DATA:
-                break
-            if isinstance(event, Disconnect):
-                # nothing after NBD_CMD_DISC is acted on
-                core.receive_data(piece)
-                assert core.next_event() is NEED_DATA
-                return
-            if isinstance(event, InvalidRequest):
-                assert event.errno in (Errno.EINVAL, Errno.EPERM, Errno.ENOSPC,
-                                       Errno.EOVERFLOW), event
-                assert event.message
-                offset = event.offset if seed & 2 else None
-                check_reply(core.reply_error(event.cookie, event.errno, event.message,
-                                             offset=offset),
-                            event.cookie, structured=structured)
-                continue
-            assert isinstance(event, Request), event
-            check_request(event, negotiated, max_payload)
-            _answer(core, event, seed)
-        # less than one whole request is held, and the core says how much is missing
-        assert core.pending_bytes < bound
-        assert core.bytes_wanted >= 1
+    events = drain(core)
+    while True:
+        try:
+            event = next(events, NEED_DATA)
+        except ProtocolError as err:
+            _check_transmission_error(core, err)
+            return False
+        if event is NEED_DATA:
+            break
+        if isinstance(event, Disconnect):
+            # nothing after NBD_CMD_DISC is acted on
+            core.receive_data(piece)
+            assert core.next_event() is NEED_DATA
+            return False
+        if isinstance(event, InvalidRequest):
+            assert event.errno in (Errno.EINVAL, Errno.EPERM, Errno.ENOSPC,
+                                   Errno.EOVERFLOW), event
+            assert event.message
+            offset = event.offset if seed & 2 else None
+            check_reply(core.reply_error(event.cookie, event.errno, event.message,
+                                         offset=offset),
+                        event.cookie, structured=structured)
+            continue
+        assert isinstance(event, Request), event
+        check_request(event, negotiated, max_payload)
+        _answer(core, event, seed)
+        if recycle and event.payload is not None:
+            core.recycle(event.payload)
+    # less than one whole request is held, and the core says how much is missing
+    assert core.pending_bytes < wire.REQUEST.size + max_payload
+    assert core.bytes_wanted >= 1
+    return True
 
 
 def server_transmission(data: bytes) -> None:
@@ -234,7 +261,8 @@ def server_transmission(data: bytes) -> None:
     padding = inp.u16() * 16 if cfg & 0x40 else 0
     core = ServerTransmission(conversation.negotiated, max_payload=max_payload)
     serve(core, itertools.chain(pieces(inp.rest(), size or 1 << 16),
-                                pieces(bytes(padding), 1 << 16)), seed, max_payload)
+                                pieces(bytes(padding), 1 << 16)), seed, max_payload,
+          buffered=bool(cfg & 0x80))
 
 
 # -- handshake ---------------------------------------------------------------------------------
