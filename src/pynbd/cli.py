@@ -379,8 +379,19 @@ async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
                     handshake_limit=config.handshake_limit, tls=config.tls,
                     tls_mode=config.tls_mode)
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not server.stopping:
+            server.request_stop()  # the first signal: drain, flush, exit 0
+            return
+        # a second one: storage that never answers (an rbd cluster gone away)
+        # must not keep the process forever
+        logging.getLogger("pynbd").error("second signal: exiting without waiting for the "
+                                         "final flush")
+        os._exit(1)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_stop)
+        loop.add_signal_handler(sig, on_signal)
     await server.start([sock])
     await server.serve_until_stopped()
 

@@ -454,3 +454,19 @@ def test_signal_with_idle_client(pynbd_server: Callable[..., Any], tmp_path: Pat
     assert content[128 * 1024:192 * 1024] == data
     assert content[:128 * 1024] == bytes(128 * 1024)
     assert not Path(srv.socket).exists()
+
+
+def test_second_signal_exits_when_the_final_flush_hangs(pynbd_server: Callable[..., Any],
+                                                        tmp_path: Path) -> None:
+    """Storage that never answers a flush (a Ceph cluster gone away) must not keep the
+    server forever: the first SIGTERM waits for the final flush, a second one exits."""
+    path = tmp_path / "hang.img"
+    path.write_bytes(bytes(MiB))
+    srv = pynbd_server("--fault", "cmd=flush,delay=600", str(path))
+    h = connect(srv.uri)  # the server is serving (its signal handlers are in place)
+    h.shutdown()
+    srv.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        srv.proc.wait(1.0)  # the final flush waits
+    assert srv.stop(signal.SIGTERM, timeout=10.0) == 1
+    assert "second signal" in srv.proc.stderr.read()
