@@ -116,8 +116,18 @@ async def _run(ns: argparse.Namespace) -> None:
     # before any socket exists: a signal sent as soon as one appears must stop
     # the daemon in order, not kill it
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not engine.quit_requested.is_set():
+            engine.quit_requested.set()  # the first signal: stop in order, flush
+            return
+        # a second one: storage that never answers the final flush must not keep us
+        logging.getLogger("pynbd").error("second signal: exiting without waiting for the "
+                                         "final flush")
+        os._exit(1)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, engine.quit_requested.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await _setup(engine, ns)
         if ns.qmp:

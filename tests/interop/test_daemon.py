@@ -987,6 +987,30 @@ def test_sigterm_ends_the_daemon_in_order(daemon: Callable[..., Daemon],
     assert Path(pattern_image).read_bytes()[:4097] == b"\x0b" * 4096 + b"\x01"
 
 
+def test_second_signal_exits_when_the_final_flush_hangs(daemon: Callable[..., Daemon],
+                                                        pattern_image: str) -> None:
+    """A node whose flush never returns (a Ceph cluster gone away) keeps the first
+    SIGTERM waiting; a second one ends the daemon at once (status 1)."""
+    d = daemon()
+
+    async def main() -> None:
+        async with qmp_session(d.qmp) as client:
+            await setup_nodes(client, pattern_image)
+            assert await qmp(client, "x-fault-add", {
+                "node-name": "n", "command": "flush", "delay": 600}) == {"id": 1}
+            d.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(subprocess.TimeoutExpired):
+                d.proc.wait(1.0)  # the final flush waits
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.wait() == 1
+            exited.append(True)
+    exited: list[bool] = []
+    with contextlib.suppress(EOFError):  # the daemon went away under the QMP client
+        asyncio.run(main())
+    assert exited == [True]
+    assert "second signal" in d.stderr()
+
+
 def test_sigterm_right_after_start(daemon: Callable[..., Daemon]) -> None:
     """The socket's appearance means signals are already handled (exit status 0)."""
     for _ in range(5):
