@@ -48,8 +48,10 @@ class ThreadedBackend(MemoryBackend):
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
-        # like rbd: no block-status probe before large reads, so they come here too
-        self.capabilities = dataclasses.replace(self.capabilities, sparse_reads=False)
+        # like rbd: no inline reads, no block-status probe before large reads (so they
+        # come here too), I/O that completes by itself
+        self.capabilities = dataclasses.replace(self.capabilities, sparse_reads=False,
+                                                inline_reads=False, direct_io=True)
         self.started = {"read": 0, "write": 0}
         #: set once 8 writes have started
         self.in_flight = asyncio.Event()

@@ -47,6 +47,10 @@ class Capabilities:
     #: read, so that holes go out as OFFSET_HOLE chunks (False where it costs a
     #: round trip to remote storage, as on RBD)
     sparse_reads: bool = True
+    #: ``pread_nowait`` can succeed (otherwise the server never tries it)
+    inline_reads: bool = False
+    #: ``start_read``/``start_write`` are offered (I/O completing on its own threads)
+    direct_io: bool = False
 
 
 class ExtentFlags(enum.IntFlag):

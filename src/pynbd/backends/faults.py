@@ -51,6 +51,8 @@ from .base import Backend, Extent, ExtentFlags
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from .base import ReadDone, WriteDone
+
 #: command names a rule can pick, in NBD's order ("all" picks every one)
 COMMANDS = ("read", "write", "flush", "trim", "zero", "block-status", "cache")
 
@@ -381,6 +383,18 @@ class FaultBackend(Backend):
         if self._may_pick("read", offset, len(buf)):
             return False
         return self.inner.pread_nowait(buf, offset)
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        # a request a rule may pick takes the task path, where ``_inject`` applies
+        if self._may_pick("read", offset, length):
+            return False
+        return self.inner.start_read(offset, length, done)
+
+    def start_write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        if self._may_pick("write", offset, len(data)):
+            return False
+        return self.inner.start_write(data, offset, fua, done)
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:

@@ -189,6 +189,7 @@ class FileBackend(Backend):
             can_zero=writable,
             can_fast_zero=writable,
             can_cache=True,
+            inline_reads=True,
             can_extents=not self.is_block_device,
             can_multi_conn=True,
         )

@@ -31,7 +31,7 @@ class MemoryBackend(Backend):
         if size < 0:
             raise ValueError(f"size must not be negative, got {size}")
         self.size = size
-        self.capabilities = Capabilities()
+        self.capabilities = Capabilities(inline_reads=True)
         self._chunks: dict[int, bytearray] = {}
         #: sorted chunk indices present in ``_chunks`` (for ``block_status``)
         self._keys: list[int] = []

@@ -8,7 +8,12 @@ Rules of this module:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .base import Backend, Extent
+
+if TYPE_CHECKING:
+    from .base import ReadDone, WriteDone
 
 
 class OffsetBackend(Backend):
@@ -52,6 +57,13 @@ class OffsetBackend(Backend):
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         return self.inner.pread_nowait(buf, self.offset + offset)
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        return self.inner.start_read(self.offset + offset, length, done)
+
+    def start_write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool,
+                    done: WriteDone) -> bool:
+        return self.inner.start_write(data, self.offset + offset, fua, done)
 
     def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
         return self.inner.pwrite_nowait(data, self.offset + offset)

@@ -238,7 +238,7 @@ class RbdBackend(Backend):
             # a client cache private to this process breaks the promise across gateways
             can_multi_conn=not self.client_cache,
             # block status costs a cluster round trip: not before every large read
-            sparse_reads=False)
+            sparse_reads=False, direct_io=True)
         # with a valid object map, block status is answered from it, per whole object
         self.fast_diff = bool(features & rbd.RBD_FEATURE_FAST_DIFF) and not (
             int(self._image.flags()) & rbd.RBD_FLAG_FAST_DIFF_INVALID)

@@ -35,7 +35,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ..backends.base import Backend, ExtentFlags
+from ..backends.base import ExtentFlags
 from ..proto.constants import Cmd, CmdFlag, Errno
 from ..proto.errors import ProtocolError, nbd_errno
 from ..proto.events import (
@@ -116,8 +116,12 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.peer = "unknown"
         self.export: Export | None = None
-        #: the export's backend can answer reads inline (it has a real pread_nowait)
-        self._nowait_reads = False
+        #: what the export's backend offers, fixed once transmission starts: reads
+        #: inline (``pread_nowait``), I/O completing by itself (``start_read``), and
+        #: structured reads probed for holes (``_sparse`` decides per request)
+        self._inline_reads = False
+        self._direct_io = False
+        self._sparse_reads = False
         self.stats = ConnectionStats()
         self.refusal: str | None = None
         self._transport: asyncio.Transport | None = None
@@ -333,8 +337,11 @@ class Connection(asyncio.BufferedProtocol):
             self._transport.close()
             return
         self.export = export
-        # a backend without pread_nowait (rbd) must not pay a buffer per READ for nothing
-        self._nowait_reads = type(export.backend).pread_nowait is not Backend.pread_nowait
+        caps = export.backend.capabilities
+        self._inline_reads = caps.inline_reads
+        self._direct_io = caps.direct_io
+        self._sparse_reads = (done.negotiated.structured and caps.can_extents
+                              and caps.sparse_reads)
         self._core = ServerTransmission(done.negotiated)
         sock = self._transport.get_extra_info("socket")
         if sock is not None and self._transport.get_extra_info("sslcontext") is None:
@@ -368,7 +375,7 @@ class Connection(asyncio.BufferedProtocol):
                         out += core.reply_error(event.cookie, Errno.ESHUTDOWN,
                                                 "server is shutting down")
                     elif not (self._try_inline(core, event, out)
-                              or self._try_direct(core, event)):
+                              or (self._direct_io and self._try_direct(core, event))):
                         self._spawn(core, event)
                 elif isinstance(event, InvalidRequest):
                     out += core.reply_error(event.cookie, event.errno, event.message)
@@ -391,13 +398,11 @@ class Connection(asyncio.BufferedProtocol):
         if request.cmd == _READ:
             if request.length > INLINE_READ_MAX:
                 return False
-            sparse = (core.negotiated.structured and request.length >= SPARSE_READ_MIN
-                      and backend.capabilities.can_extents and backend.capabilities.sparse_reads
-                      and not request.flags & _DF)
+            sparse = self._sparse(request)
             if (request.length >= SENDFILE_MIN and self._sendfile is not None
                     and self._send_from_file(core, request, out, sparse=sparse)):
                 self._out_bytes = 0
-            elif sparse or not self._nowait_reads:
+            elif sparse or not self._inline_reads:
                 return False
             else:
                 buf = bytearray(request.length)
@@ -423,6 +428,12 @@ class Connection(asyncio.BufferedProtocol):
             return False
         self.stats.requests += 1
         return True
+
+    def _sparse(self, request: Request) -> bool:
+        """Whether this READ is answered with holes as OFFSET_HOLE chunks (after a
+        block-status probe) rather than as plain data."""
+        return (self._sparse_reads and request.length >= SPARSE_READ_MIN
+                and not request.flags & _DF)
 
     def _send_from_file(self, core: ServerTransmission, request: Request,
                         out: list[Buffer], *, sparse: bool) -> bool:
@@ -482,9 +493,7 @@ class Connection(asyncio.BufferedProtocol):
         backend = self.export.backend
         token = object()
         if request.cmd == _READ:
-            caps = backend.capabilities
-            if (core.negotiated.structured and request.length >= SPARSE_READ_MIN
-                    and caps.can_extents and caps.sparse_reads and not request.flags & _DF):
+            if self._sparse(request):
                 return False
 
             def read_done(data: bytes | bytearray | None, error: OSError | None) -> None:
@@ -657,10 +666,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def _do_read(self, request: Request) -> list[Buffer]:
         export, core = self._backend_core
-        if (core.negotiated.structured and request.length >= SPARSE_READ_MIN
-                and not request.flags & CmdFlag.DF
-                and export.backend.capabilities.can_extents
-                and export.backend.capabilities.sparse_reads):
+        if self._sparse(request):
             return await self._read_sparse(request)
         data = await export.backend.read(request.offset, request.length)
         return core.reply_read(request.cookie, request.offset, data)

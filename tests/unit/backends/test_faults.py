@@ -409,3 +409,31 @@ def test_a_rule_needs_an_errno_or_a_delay() -> None:
         FaultRule(frozenset({"nope"}), errno=errno.EIO)
     with pytest.raises(ValueError, match="errno must be positive"):
         FaultRule(frozenset({"read"}), errno=0)
+
+
+class _Direct(MemoryBackend):
+    """Records the direct requests it is offered (as librbd's backend would take them)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.started: list[tuple[str, int]] = []
+
+    def start_read(self, offset: int, length: int, done: Any) -> bool:
+        self.started.append(("read", offset))
+        return True
+
+    def start_write(self, data: bytes | bytearray | memoryview, offset: int, fua: bool,
+                    done: Any) -> bool:
+        self.started.append(("write", offset))
+        return True
+
+
+def test_wrappers_pass_direct_requests_through_unless_a_rule_may_pick_them() -> None:
+    inner = _Direct(SIZE)
+    offset = OffsetBackend(inner, 4096)
+    faults = FaultBackend(offset, [parse_fault_spec("cmd=read,errno=EIO,range=0-8K")])
+    # a read a rule may pick goes to the task path (False), where the rule applies
+    assert faults.start_read(0, 512, lambda data, error: None) is False
+    assert faults.start_read(16384, 512, lambda data, error: None) is True
+    assert faults.start_write(b"x" * 512, 0, False, lambda error: None) is True
+    assert inner.started == [("read", 16384 + 4096), ("write", 4096)]

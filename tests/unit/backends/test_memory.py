@@ -41,7 +41,7 @@ class TestMemoryBackend(BackendContract):
 
 
 def test_capabilities_are_all_true() -> None:
-    assert MemoryBackend(10).capabilities == Capabilities()
+    assert MemoryBackend(10).capabilities == Capabilities(inline_reads=True)
 
 
 def test_negative_size_is_rejected() -> None:
