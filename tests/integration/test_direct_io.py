@@ -12,22 +12,20 @@ accounted for (the connection drains and closes cleanly).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import random
-import socket
 import threading
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.support.inprocess import serving
 
 from pynbd.backends import MemoryBackend
 from pynbd.client import NBDClient, RequestError
-from pynbd.server import Export, ExportTable, Server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import Callable
     from pathlib import Path
 
     from pynbd.backends.base import ReadDone, WriteDone
@@ -114,31 +112,17 @@ class ThreadedBackend(MemoryBackend):
         return False
 
 
-@contextlib.asynccontextmanager
-async def serving(backend: ThreadedBackend, tmp_path: Path) -> AsyncIterator[tuple[Server, str]]:
-    table = ExportTable()
-    table.add(Export("", backend, multi_conn=True))
-    server = Server(table, max_connections=0, persistent=True)
-    path = str(tmp_path / "nbd.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen()
-    sock.setblocking(False)
-    await server.start([sock])
-    try:
-        yield server, f"nbd+unix:///?socket={path}"
-    finally:
-        await server.close()
-        sock.close()
+def uri(path: str) -> str:
+    return f"nbd+unix:///?socket={path}"
 
 
 def test_many_direct_requests_over_several_connections(tmp_path: Path) -> None:
     backend = ThreadedBackend(SIZE)
     model = bytearray(SIZE)
 
-    async def worker(uri: str, seed: int) -> None:
+    async def worker(target: str, seed: int) -> None:
         rng = random.Random(seed)
-        async with await NBDClient.connect(uri) as client:
+        async with await NBDClient.connect(target) as client:
             # each worker owns its own quarter: its reads must see its writes
             base = seed * (SIZE // 4)
             pending = []
@@ -157,8 +141,8 @@ def test_many_direct_requests_over_several_connections(tmp_path: Path) -> None:
             assert await client.pread(base, SIZE // 4) == bytes(model[base:base + SIZE // 4])
 
     async def body() -> None:
-        async with serving(backend, tmp_path) as (_, uri):
-            await asyncio.wait_for(asyncio.gather(*(worker(uri, s) for s in range(4))),
+        async with serving(tmp_path, backend) as (_, path):
+            await asyncio.wait_for(asyncio.gather(*(worker(uri(path), s) for s in range(4))),
                                    TIMEOUT)
 
     asyncio.run(body())
@@ -172,8 +156,8 @@ def test_direct_errors_become_error_replies(tmp_path: Path) -> None:
     backend.fail = {4096: errno.EIO, 8192: errno.ENOSPC}
 
     async def body() -> None:
-        async with serving(backend, tmp_path) as (_, uri), \
-                await NBDClient.connect(uri) as client:
+        async with serving(tmp_path, backend) as (_, path), \
+                await NBDClient.connect(uri(path)) as client:
             with pytest.raises(RequestError) as read_error:
                 await client.pread(4096, 512)
             assert read_error.value.errno == errno.EIO
@@ -193,8 +177,8 @@ def test_fua_write_falls_back_to_the_task_path(tmp_path: Path) -> None:
     backend = ThreadedBackend(SIZE)
 
     async def body() -> None:
-        async with serving(backend, tmp_path) as (_, uri), \
-                await NBDClient.connect(uri) as client:
+        async with serving(tmp_path, backend) as (_, path), \
+                await NBDClient.connect(uri(path)) as client:
             await client.pwrite(b"f" * 4096, 0, fua=True)
             assert await client.pread(0, 4096) == b"f" * 4096
 
@@ -208,8 +192,8 @@ def test_server_stop_waits_for_direct_requests(tmp_path: Path) -> None:
     backend = ThreadedBackend(SIZE)
 
     async def body() -> None:
-        async with serving(backend, tmp_path) as (server, uri):
-            client = await NBDClient.connect(uri)
+        async with serving(tmp_path, backend) as (server, path):
+            client = await NBDClient.connect(uri(path))
             writes = [asyncio.ensure_future(client.pwrite(bytes([i]) * 4096, i * 4096))
                       for i in range(1, 33)]
             await backend.in_flight.wait()  # some are in flight in the server

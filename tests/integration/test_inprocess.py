@@ -8,27 +8,22 @@ client speaks the wire protocol, so the exact order of replies is visible.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
-from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+from tests.support.inprocess import open_raw, serving
 
 from pynbd.backends import MemoryBackend
 from pynbd.proto import wire
 from pynbd.proto.constants import (
-    IHAVEOPT,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
-    ClientFlag,
     Cmd,
     Errno,
-    Opt,
-    Rep,
 )
-from pynbd.server import Export, ExportTable, Server
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
 TIMEOUT = 10.0
@@ -77,20 +72,7 @@ class RawClient:
 
     @classmethod
     async def connect(cls, path: str) -> RawClient:
-        reader, writer = await asyncio.open_unix_connection(path)
-        client = cls(reader, writer)
-        await reader.readexactly(wire.GREETING.size)
-        writer.write(wire.CLIENT_FLAGS.pack(ClientFlag.C_FIXED_NEWSTYLE
-                                            | ClientFlag.C_NO_ZEROES))
-        data = struct.pack(">IH", 0, 0)
-        writer.write(wire.OPTION_HEADER.pack(IHAVEOPT, Opt.GO, len(data)) + data)
-        while True:
-            _, _, rep, length = wire.OPTION_REPLY_HEADER.unpack(
-                await reader.readexactly(wire.OPTION_REPLY_HEADER.size))
-            await reader.readexactly(length)
-            if rep == Rep.ACK:
-                return client
-            assert rep == Rep.INFO, f"GO failed: {rep:#x}"
+        return cls(*await open_raw(path))
 
     def send(self, cmd: Cmd, cookie: int, offset: int, length: int,
              payload: bytes = b"") -> None:
@@ -109,25 +91,6 @@ class RawClient:
         self.writer.close()
         with suppress(OSError):
             await self.writer.wait_closed()
-
-
-@asynccontextmanager
-async def serving(tmp_path: Path, backend: MemoryBackend,
-                  **server_args: Any) -> AsyncIterator[tuple[Server, str]]:
-    table = ExportTable()
-    table.add(Export("", backend, multi_conn=True))
-    server = Server(table, max_connections=0, persistent=True, **server_args)
-    path = str(tmp_path / "nbd.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen()
-    sock.setblocking(False)
-    await server.start([sock])
-    try:
-        yield server, path
-    finally:
-        await server.close()
-        sock.close()
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:

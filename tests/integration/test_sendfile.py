@@ -12,24 +12,18 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
-import struct
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.support.inprocess import open_raw, serving
 
 from pynbd.backends import FileBackend
 from pynbd.proto import wire
 from pynbd.proto.constants import (
-    IHAVEOPT,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
-    ClientFlag,
     Cmd,
-    Opt,
-    Rep,
 )
-from pynbd.server import Export, ExportTable, Server
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -46,21 +40,6 @@ def make_file(tmp_path: Path) -> tuple[str, bytes]:
     with path.open("rb") as fh:  # into the page cache
         fh.read()
     return str(path), data
-
-
-async def connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_unix_connection(path, limit=4 * MIB)
-    await reader.readexactly(wire.GREETING.size)
-    writer.write(wire.CLIENT_FLAGS.pack(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES))
-    data = struct.pack(">IH", 0, 0)
-    writer.write(wire.OPTION_HEADER.pack(IHAVEOPT, Opt.GO, len(data)) + data)
-    while True:
-        _, _, rep, length = wire.OPTION_REPLY_HEADER.unpack(
-            await reader.readexactly(wire.OPTION_REPLY_HEADER.size))
-        await reader.readexactly(length)
-        if rep == Rep.ACK:
-            return reader, writer
-        assert rep == Rep.INFO
 
 
 def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path,
@@ -84,41 +63,31 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path,
 
     async def body() -> None:
         backend = FileBackend(image)
-        table = ExportTable()
-        table.add(Export("", backend, multi_conn=True))
-        server = Server(table, max_connections=0, persistent=True)
-        path = str(tmp_path / "nbd.sock")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        sock.listen()
-        sock.setblocking(False)
-        await server.start([sock])
         try:
-            reader, writer = await connect(path)
-            rng = random.Random(3)
-            plan = []
-            for cookie in range(48):
-                length = rng.choice([MIB, 256 * 1024, 64 * 1024 + 512, 4096])
-                offset = rng.randrange(0, SIZE - length)
-                if cookie % 3 == 0:
-                    offset -= offset % 4096  # some page-aligned, most not
-                plan.append((cookie, offset, length))
-                writer.write(wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, cookie,
-                                               offset, length))
-            await writer.drain()
-            await asyncio.sleep(0.2)  # let the server fill the socket before we read
-            pending = {cookie: (offset, length) for cookie, offset, length in plan}
-            while pending:  # replies may come in any order; each must be whole
-                magic, error, cookie = wire.SIMPLE_REPLY.unpack(
-                    await reader.readexactly(wire.SIMPLE_REPLY.size))
-                assert (magic, error) == (SIMPLE_REPLY_MAGIC, 0)
-                offset, length = pending.pop(cookie)
-                data = await reader.readexactly(length)
-                assert data == content[offset:offset + length], cookie
-            writer.close()
+            async with serving(tmp_path, backend) as (_, path):
+                reader, writer = await open_raw(path, limit=4 * MIB)
+                rng = random.Random(3)
+                plan = []
+                for cookie in range(48):
+                    length = rng.choice([MIB, 256 * 1024, 64 * 1024 + 512, 4096])
+                    offset = rng.randrange(0, SIZE - length)
+                    if cookie % 3 == 0:
+                        offset -= offset % 4096  # some page-aligned, most not
+                    plan.append((cookie, offset, length))
+                    writer.write(wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, cookie,
+                                                   offset, length))
+                await writer.drain()
+                await asyncio.sleep(0.2)  # let the server fill the socket before we read
+                pending = {cookie: (offset, length) for cookie, offset, length in plan}
+                while pending:  # replies may come in any order; each must be whole
+                    magic, error, cookie = wire.SIMPLE_REPLY.unpack(
+                        await reader.readexactly(wire.SIMPLE_REPLY.size))
+                    assert (magic, error) == (SIMPLE_REPLY_MAGIC, 0)
+                    offset, length = pending.pop(cookie)
+                    data = await reader.readexactly(length)
+                    assert data == content[offset:offset + length], cookie
+                writer.close()
         finally:
-            await server.close()
-            sock.close()
             await backend.close()
 
     async def bounded() -> None:

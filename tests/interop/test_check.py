@@ -97,10 +97,9 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[Any]) -> None:
 
 
 @contextlib.contextmanager
-def qemu_nbd(image: Path, sock: Path) -> Iterator[str]:
-    """``qemu-nbd -f raw -e 0 -t -k SOCK IMAGE``, killed by pid afterwards."""
-    proc = subprocess.Popen([tool("qemu-nbd"), "-f", "raw", "-e", "0", "-t", "-k", str(sock),
-                             str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _unix_server(argv: list[str], sock: Path) -> Iterator[str]:
+    """Run a server that listens on ``sock`` until the block ends; killed by pid."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_socket(sock, proc)
         yield f"nbd+unix:///?socket={sock}"
@@ -111,18 +110,14 @@ def qemu_nbd(image: Path, sock: Path) -> Iterator[str]:
             proc.stderr.close()
 
 
-@contextlib.contextmanager
-def nbdkit(sock: Path, *args: str) -> Iterator[str]:
-    proc = subprocess.Popen([tool("nbdkit"), "-f", "-U", str(sock), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_socket(sock, proc)
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+def qemu_nbd(image: Path, sock: Path) -> contextlib.AbstractContextManager[str]:
+    """``qemu-nbd -f raw -e 0 -t -k SOCK IMAGE``."""
+    return _unix_server([tool("qemu-nbd"), "-f", "raw", "-e", "0", "-t", "-k", str(sock),
+                         str(image)], sock)
+
+
+def nbdkit(sock: Path, *args: str) -> contextlib.AbstractContextManager[str]:
+    return _unix_server([tool("nbdkit"), "-f", "-U", str(sock), *args], sock)
 
 
 @contextlib.contextmanager
