@@ -28,6 +28,7 @@ import nbd
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from tests.support.interop import bounded as _bounded
+from tests.support.qmp import qmp, qmp_open, qmp_session
 
 from pynbd.qmp.protocol import MAX_LINE
 
@@ -150,28 +151,6 @@ def pattern_image(tmp_path: Path) -> str:
 
 
 # -- QMP helpers (qemu.qmp) ------------------------------------------------------------
-
-
-async def qmp_open(path: str) -> QMPClient:
-    client = QMPClient("pynbd-test")
-    async with asyncio.timeout(T):
-        await client.connect(path)
-    return client
-
-
-@contextlib.asynccontextmanager
-async def qmp_session(path: str) -> AsyncIterator[QMPClient]:
-    client = await qmp_open(path)
-    try:
-        yield client
-    finally:
-        async with asyncio.timeout(T):
-            await client.disconnect()
-
-
-async def qmp(client: QMPClient, cmd: str, args: dict[str, Any] | None = None) -> Any:
-    async with asyncio.timeout(T):
-        return await client.execute(cmd, args)
 
 
 async def qmp_fails(client: QMPClient, cmd: str, args: dict[str, Any] | None = None,

@@ -25,9 +25,10 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from tests.support.interop import bounded as _bounded
 from tests.support.interop import require_tool
+from tests.support.qmp import qmp, qmp_session
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
     from pathlib import Path
 
 pytestmark = pytest.mark.interop
@@ -340,23 +341,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-
-
-@contextlib.asynccontextmanager
-async def qmp_session(path: str) -> AsyncIterator[QMPClient]:
-    client = QMPClient("pynbd-faults-test")
-    async with asyncio.timeout(T):
-        await client.connect(path)
-    try:
-        yield client
-    finally:
-        async with asyncio.timeout(T):
-            await client.disconnect()
-
-
-async def qmp(client: QMPClient, cmd: str, args: dict[str, Any] | None = None) -> Any:
-    async with asyncio.timeout(T):
-        return await client.execute(cmd, args)
 
 
 async def serve_node(client: QMPClient, daemon: Daemon, image: Path) -> None:

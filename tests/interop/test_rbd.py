@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import nbd
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
 from tests.support.interop import bounded, require_tool
+from tests.support.qmp import qmp, qmp_open
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -367,11 +368,6 @@ def test_fork_opens_the_image_in_the_child(ceph: CephCluster, tmp_path: Path) ->
 # -- the daemon: blockdev-add driver rbd over QMP -------------------------------------------
 
 
-async def _qmp(client: QMPClient, cmd: str, args: dict[str, Any] | None = None) -> Any:
-    async with asyncio.timeout(T):
-        return await client.execute(cmd, args)
-
-
 def test_daemon_blockdev_add_rbd(ceph: CephCluster, tmp_path: Path) -> None:
     name = ceph.new_image(8 * MiB)
     ceph.rbd("snap", "create", f"{ceph.pool}/{name}@s")
@@ -388,30 +384,28 @@ def test_daemon_blockdev_add_rbd(ceph: CephCluster, tmp_path: Path) -> None:
         time.sleep(0.02)
 
     async def main() -> None:
-        client = QMPClient("pynbd-rbd-test")
-        async with asyncio.timeout(T):
-            await client.connect(qmp_path)
+        client = await qmp_open(qmp_path)
         try:
             rbd_args = {"driver": "rbd", "pool": ceph.pool, "image": name,
                         "conf": str(ceph.conf)}
-            assert await _qmp(client, "blockdev-add", {"node-name": "r", **rbd_args}) == {}
+            assert await qmp(client, "blockdev-add", {"node-name": "r", **rbd_args}) == {}
             with pytest.raises(ExecuteError, match="read-only"):
-                await _qmp(client, "blockdev-add", {"node-name": "s", **rbd_args,
+                await qmp(client, "blockdev-add", {"node-name": "s", **rbd_args,
                                                      "snapshot": "s"})
             with pytest.raises(ExecuteError, match="pool 'nope' does not exist"):
-                await _qmp(client, "blockdev-add", {**rbd_args, "node-name": "x",
+                await qmp(client, "blockdev-add", {**rbd_args, "node-name": "x",
                                                      "pool": "nope"})
-            nodes = await _qmp(client, "query-named-block-nodes")
+            nodes = await qmp(client, "query-named-block-nodes")
             assert {"node-name": "r", "drv": "rbd"}.items() <= nodes[0].items()
-            await _qmp(client, "nbd-server-start",
+            await qmp(client, "nbd-server-start",
                        {"addr": {"type": "unix", "data": {"path": nbd_path}}})
-            await _qmp(client, "block-export-add", {"type": "nbd", "id": "e", "node-name": "r",
+            await qmp(client, "block-export-add", {"type": "nbd", "id": "e", "node-name": "r",
                                                     "name": "disk", "writable": True})
             await asyncio.to_thread(tool, "qemu-io", "-f", "raw", uri,
                                     "-c", "write -P 0x44 0 1M", "-c", "flush")
             assert ceph.read(name, 0, MiB) == b"\x44" * MiB
-            await _qmp(client, "block-export-del", {"id": "e"})
-            await _qmp(client, "nbd-server-stop")
+            await qmp(client, "block-export-del", {"id": "e"})
+            await qmp(client, "nbd-server-stop")
             # the export is gone when BLOCK_EXPORT_DELETED comes; then the node can go
             async with asyncio.timeout(T):
                 while True:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tests.support.fakes import FakeCatalog, FakeExport
+from tests.support.wire import option_replies as replies
 
 from pynbd.backends import MemoryBackend
 from pynbd.proto import wire
@@ -181,22 +182,6 @@ def three_ways(stream: bytes, *, catalog: FakeCatalog = CATALOG,
         assert bytewise.core.pending_bytes == 0
         assert trailing.core.pending_bytes == len(TRAIL)
     return whole
-
-
-def replies(out: bytes) -> list[tuple[int, int, bytes]]:
-    """Split option replies; every byte must belong to a well-formed reply."""
-    result = []
-    pos = 0
-    size = wire.OPTION_REPLY_HEADER.size
-    while pos < len(out):
-        assert len(out) - pos >= size, f"truncated reply header at {pos}"
-        magic, opt, rep, length = wire.OPTION_REPLY_HEADER.unpack_from(out, pos)
-        assert magic == REPLY_MAGIC
-        pos += size
-        assert len(out) - pos >= length, "reply data runs past the output"
-        result.append((opt, rep, out[pos:pos + length]))
-        pos += length
-    return result
 
 
 def info_replies(out: bytes, opt: int) -> tuple[dict[int, bytes], list[tuple[int, int, bytes]]]:

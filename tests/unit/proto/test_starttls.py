@@ -13,6 +13,8 @@ import dataclasses
 import struct
 
 import pytest
+from tests.support.wire import OptionReply as Reply
+from tests.support.wire import option_replies as parse_replies
 
 from pynbd.backends import MemoryBackend
 from pynbd.proto import wire
@@ -89,25 +91,6 @@ def set_meta(name: str = SECRET) -> bytes:
 
 def list_meta(name: str = SECRET) -> bytes:
     return option(Opt.LIST_META_CONTEXT, meta_data(name, BASE_ALLOCATION))
-
-
-Reply = tuple[int, int, bytes]
-
-
-def parse_replies(out: bytes) -> list[Reply]:
-    """Split option replies; every byte must belong to a well-formed reply."""
-    result: list[Reply] = []
-    pos = 0
-    size = wire.OPTION_REPLY_HEADER.size
-    while pos < len(out):
-        assert len(out) - pos >= size, f"truncated reply header at {pos}"
-        magic, opt, rep, length = wire.OPTION_REPLY_HEADER.unpack_from(out, pos)
-        assert magic == REPLY_MAGIC
-        pos += size
-        assert len(out) - pos >= length, "reply data runs past the output"
-        result.append((opt, rep, out[pos:pos + length]))
-        pos += length
-    return result
 
 
 def kinds(replies: list[Reply]) -> list[tuple[int, int]]:
