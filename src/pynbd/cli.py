@@ -302,10 +302,9 @@ def open_backend(config: Config) -> Backend:
     backend: Backend
     if config.image.startswith(MEMORY_PREFIX):
         try:
-            size = parse_size(config.image[len(MEMORY_PREFIX):])
+            backend = MemoryBackend(parse_size(config.image[len(MEMORY_PREFIX):]))
         except ValueError as err:
             raise UsageError(f"bad memory disk size: {err}") from None
-        backend = MemoryBackend(size)
     elif config.image.startswith(RBD_PREFIX):
         backend = _open_rbd(config)
     else:

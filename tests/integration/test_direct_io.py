@@ -22,6 +22,7 @@ import pytest
 from tests.support.inprocess import serving
 
 from pynbd.backends import MemoryBackend
+from pynbd.backends.memory import INLINE_MAX
 from pynbd.client import NBDClient, RequestError
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ class ThreadedBackend(MemoryBackend):
                 done(None, OSError(self.fail[offset], "injected read error"))
                 return
             buf = bytearray(length)
-            assert MemoryBackend.pread_nowait(self, memoryview(buf), offset)
+            self._read_now(memoryview(buf), offset)
             done(buf, None)
 
         self._later(work)
@@ -89,27 +90,41 @@ class ThreadedBackend(MemoryBackend):
                 done(OSError(self.fail[offset], "injected write error"))
                 return
             # data is lent until done(): read it only now
-            assert MemoryBackend.pwrite_nowait(self, bytes(data), offset)
+            self._write_now(bytes(data), offset)
             done(None)
 
         self._later(work)
         return True
 
-    # the task path (sparse reads, FUA writes): MemoryBackend's own store, since
-    # the nowait methods below refuse on purpose
+    # MemoryBackend's own store, in pieces its nowait methods take at once (the
+    # overrides below refuse on purpose)
+    def _read_now(self, buf: memoryview, offset: int) -> None:
+        for pos in range(0, len(buf), INLINE_MAX):
+            piece = buf[pos:pos + INLINE_MAX]
+            assert MemoryBackend.pread_nowait(self, piece, offset + pos)
+
+    def _write_now(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        for pos in range(0, len(view), INLINE_MAX):
+            assert MemoryBackend.pwrite_nowait(self, view[pos:pos + INLINE_MAX], offset + pos)
+
+    # the task path (sparse reads, FUA writes)
     async def pread(self, buf: memoryview, offset: int) -> None:
-        MemoryBackend.pread_nowait(self, buf, offset)
+        self._read_now(buf, offset)
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         self.pwrite_calls += 1
-        MemoryBackend.pwrite_nowait(self, data, offset)
+        self._write_now(data, offset)
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         return False
 
     def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
         return False
+
+    def sendfile_fd(self, offset: int, length: int, *, data_only: bool = False) -> int:
+        return -1  # like rbd: large reads are not sent from a file either
 
 
 def uri(path: str) -> str:

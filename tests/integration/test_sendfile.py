@@ -1,6 +1,7 @@
-"""Large reads of a file export go out with sendfile, and stay whole and in order.
+"""Large reads of a file or memory export go out with sendfile, whole and in order.
 
-A server runs in-process over a ``FileBackend``; a raw client floods it with
+A server runs in-process over a ``FileBackend`` or a ``MemoryBackend`` (a
+memfd); a raw client floods it with
 1 MiB reads it does not collect at first, so the socket fills up part way
 through a reply (the rest is then queued the ordinary way), and checks every
 byte of every reply afterwards.  The backend's ``sendfile_fd`` answers -1 for
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.support.inprocess import open_raw, serving
 
-from pynbd.backends import FileBackend
+from pynbd.backends import Backend, FileBackend, MemoryBackend
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     REQUEST_MAGIC,
@@ -42,9 +43,20 @@ def make_file(tmp_path: Path) -> tuple[str, bytes]:
     return str(path), data
 
 
-def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def open_backend(kind: str, tmp_path: Path) -> tuple[Backend, bytes]:
     image, content = make_file(tmp_path)
+    if kind == "file":
+        return FileBackend(image), content
+    memory = MemoryBackend(SIZE)
+    await memory.pwrite(content, 0)
+    return memory, content
+
+
+@pytest.mark.parametrize("kind", ["file", "memory"])
+def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    backend_class: type[FileBackend | MemoryBackend] = (
+        FileBackend if kind == "file" else MemoryBackend)
     calls = {"sendfile": 0, "rest": 0}
     real_sendfile = os.sendfile
 
@@ -53,16 +65,17 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path,
         return real_sendfile(out_fd, in_fd, offset, count)
 
     monkeypatch.setattr(os, "sendfile", counting_sendfile)
-    real_rest = FileBackend.pread_blocking
+    real_rest = backend_class.pread_blocking
 
-    def counting_rest(self: FileBackend, buf: memoryview, offset: int) -> None:
+    def counting_rest(self: FileBackend | MemoryBackend, buf: memoryview,
+                      offset: int) -> None:
         calls["rest"] += 1
-        real_rest(self, buf, offset)
+        real_rest(self, buf, offset)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(FileBackend, "pread_blocking", counting_rest)
+    monkeypatch.setattr(backend_class, "pread_blocking", counting_rest)
 
     async def body() -> None:
-        backend = FileBackend(image)
+        backend, content = await open_backend(kind, tmp_path)
         try:
             async with serving(tmp_path, backend) as (_, path):
                 reader, writer = await open_raw(path, limit=4 * MIB)

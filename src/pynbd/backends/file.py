@@ -21,7 +21,6 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ctypes
 import enum
 import errno
@@ -31,17 +30,23 @@ import os
 import stat
 import struct
 import time
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
+from ._pool import POOL, in_pool
 from .base import Backend, Capabilities, Extent, ExtentFlags, FastZeroUnsupported
+from .fileio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    ZEROES,
+    as_bytes,
+    fallocate,
+    pread_all,
+    pwrite_all,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-_T = TypeVar("_T")
-
-#: Blocking work goes here; threads are started on demand.
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pynbd-io")
 
 #: Requests larger than this skip the inline attempt and go to the pool.
 INLINE_MAX = 1 << 20
@@ -59,14 +64,6 @@ INLINE_WRITE_SLOW_NS = 5_000_000
 INLINE_BACKOFF_NS = 1_000_000_000
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
-#: One shared buffer of zeroes for the write-zeroes fallback and zero fills.
-_ZEROES = memoryview(bytes(1 << 20))
-
-# <linux/falloc.h>
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
 # <linux/fs.h>: _IO(0x12, n)
 BLKSSZGET = 0x1268
 BLKDISCARD = 0x1277
@@ -77,8 +74,6 @@ _RANGE = struct.Struct("=QQ")  # uint64_t range[2] = {start, length}
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY})
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
 
 #: cachestat(2) (Linux 6.5): how much of a range is in the page cache
@@ -86,33 +81,6 @@ _SYS_CACHESTAT = 451 if os.uname().machine in ("x86_64", "aarch64", "riscv64") e
 #: struct cachestat_range {u64 off, len}; struct cachestat {u64 nr_cache, nr_dirty, ...}
 _CACHESTAT_RANGE = struct.Struct("=QQ")
 _CACHESTAT = struct.Struct("=QQQQQ")
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """``fallocate(2)``; raises ``OSError`` with the real errno."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-async def _in_pool(call: Callable[[], _T]) -> _T:
-    """Run a blocking call in the shared I/O thread pool.
-
-    If the awaiting task is cancelled the call still runs to completion in
-    its thread (a syscall cannot be interrupted from here).
-    """
-    return await asyncio.get_running_loop().run_in_executor(_POOL, call)
-
-
-def _as_bytes(data: bytes | bytearray | memoryview) -> memoryview:
-    view = memoryview(data)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _fill_zeroes(view: memoryview) -> None:
-    for pos in range(0, len(view), len(_ZEROES)):
-        count = min(len(_ZEROES), len(view) - pos)
-        view[pos:pos + count] = _ZEROES[:count]
 
 
 class _Feature(enum.Enum):
@@ -201,15 +169,15 @@ class FileBackend(Backend):
     # -- reads and writes --------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int) -> None:
-        view = _as_bytes(buf)
+        view = as_bytes(buf)
         done = 0
         if len(view) <= INLINE_MAX and _Feature.NOWAIT_READ not in self._unsupported:
             done = self._nowait(os.preadv, _Feature.NOWAIT_READ, view, offset)
         if done < len(view):
-            await _in_pool(functools.partial(self._pread_all, view[done:], offset + done))
+            await in_pool(functools.partial(self._pread_all, view[done:], offset + done))
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
-        view = _as_bytes(buf)
+        view = as_bytes(buf)
         if len(view) > INLINE_MAX or _Feature.NOWAIT_READ in self._unsupported:
             return False
         return self._nowait(os.preadv, _Feature.NOWAIT_READ, view, offset) == len(view)
@@ -245,10 +213,10 @@ class FileBackend(Backend):
         """Fill ``buf`` now, on the caller's thread (holes and past-the-end read as
         zeroes).  Only for a range just found in the page cache, after a
         ``sendfile`` of it stopped part way."""
-        self._pread_all(_as_bytes(buf), offset)
+        self._pread_all(as_bytes(buf), offset)
 
     def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
-        view = _as_bytes(data)
+        view = as_bytes(data)
         if len(view) > INLINE_MAX:
             return False
         if _Feature.NOWAIT_WRITE not in self._unsupported:
@@ -282,9 +250,9 @@ class FileBackend(Backend):
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
-        view = _as_bytes(data)
+        view = as_bytes(data)
         if not self.pwrite_nowait(view, offset):
-            await _in_pool(functools.partial(self._pwrite_all, view, offset))
+            await in_pool(functools.partial(self._pwrite_all, view, offset))
         if fua:
             await self._sync()
 
@@ -302,28 +270,16 @@ class FileBackend(Backend):
             raise
 
     def _pread_all(self, view: memoryview, offset: int) -> None:
-        pos = 0
-        while pos < len(view):
-            count = os.preadv(self._fd, [view[pos:]], offset + pos)
-            if count == 0:
-                # past the end of the file (it shrank under us): holes read as zeroes
-                _fill_zeroes(view[pos:])
-                return
-            pos += count
+        pread_all(self._fd, view, offset)
 
     def _pwrite_all(self, view: memoryview, offset: int) -> None:
-        pos = 0
-        while pos < len(view):
-            count = os.pwritev(self._fd, [view[pos:]], offset + pos)
-            if count == 0:
-                raise OSError(errno.ENOSPC, "write made no progress", self.path)
-            pos += count
+        pwrite_all(self._fd, view, offset)
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:
         end = offset + length
         while offset < end:
-            count = min(len(_ZEROES), end - offset)
-            self._pwrite_all(_ZEROES[:count], offset)
+            count = min(len(ZEROES), end - offset)
+            self._pwrite_all(ZEROES[:count], offset)
             offset += count
 
     # -- durability --------------------------------------------------------
@@ -360,7 +316,7 @@ class FileBackend(Backend):
 
     def _start_sync(self, round_: asyncio.Future[None]) -> None:
         self._sync_running = round_
-        job = asyncio.get_running_loop().run_in_executor(_POOL, self._fdatasync)
+        job = asyncio.get_running_loop().run_in_executor(POOL, self._fdatasync)
         job.add_done_callback(functools.partial(self._sync_done, round_))
 
     def _sync_done(self, round_: asyncio.Future[None], job: asyncio.Future[None]) -> None:
@@ -390,7 +346,7 @@ class FileBackend(Backend):
         os.fdatasync(self._fd)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
-        _fallocate(self._fd, mode, offset, length)
+        fallocate(self._fd, mode, offset, length)
 
     def _ioctl_range(self, request: int, offset: int, length: int) -> None:
         fcntl.ioctl(self._fd, request, _RANGE.pack(offset, length))
@@ -431,7 +387,7 @@ class FileBackend(Backend):
             return
         if fast:
             raise FastZeroUnsupported("this filesystem cannot zero a range without writing")
-        await _in_pool(functools.partial(self._write_zero_buffers, offset, length))
+        await in_pool(functools.partial(self._write_zero_buffers, offset, length))
 
     async def _zero_block_device(self, offset: int, length: int, *, fast: bool) -> None:
         start, stop = self._sector_align_inward(offset, length)
@@ -446,7 +402,7 @@ class FileBackend(Backend):
         end = offset + length
         for edge_start, edge_stop in ((offset, start), (stop, end)):
             if edge_stop > edge_start:
-                await _in_pool(functools.partial(
+                await in_pool(functools.partial(
                     self._write_zero_buffers, edge_start, edge_stop - edge_start))
 
     def _sector_align_inward(self, offset: int, length: int) -> tuple[int, int]:
@@ -464,7 +420,7 @@ class FileBackend(Backend):
         if feature in self._unsupported:
             return False
         try:
-            await _in_pool(call)
+            await in_pool(call)
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 self._unsupported.add(feature)

@@ -307,9 +307,11 @@ async def _add_node(engine: Engine, args: dict[str, JSON]) -> Node:
                                 f"{err.strerror or err}") from None
         node = Node(name, "file", backend, read_only, filename=args["filename"])
     elif driver == "memory":
-        if args["size"] < 0:
-            raise generic_error("Parameter 'size' must not be negative")
-        node = Node(name, "memory", MemoryBackend(args["size"]), read_only)
+        try:
+            memory = MemoryBackend(args["size"])
+        except ValueError as err:
+            raise generic_error(f"Parameter 'size': {err}") from None
+        node = Node(name, "memory", memory, read_only)
     elif driver == "rbd":
         node = await _rbd_node(name, args, read_only)
     else:

@@ -283,7 +283,7 @@ def fail_fallocate(monkeypatch: pytest.MonkeyPatch, code: int) -> list[int]:
         modes.append(mode)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(file_module, "_fallocate", fallocate)
+    monkeypatch.setattr(file_module, "fallocate", fallocate)
     return modes
 
 
