@@ -348,6 +348,9 @@ class Connection(asyncio.BufferedProtocol):
             self._fd = sock.fileno()
             if hasattr(export.backend, "sendfile_fd"):  # not through a wrapping backend
                 self._sendfile = cast("SendfileSource", export.backend)
+            # processing pauses as soon as anything waits on the transport, and
+            # resumes once it has all gone (see _send)
+            self._transport.set_write_buffer_limits(high=0)
         self.server.client_started(self)
         self._core.receive_data(done.trailing)
         self._process()
