@@ -27,6 +27,7 @@ from .proto.handshake import TlsMode
 from .qmp.protocol import QMPError
 from .qmp.schema import parse_keyval
 from .server import Export, ExportTable, Server
+from .server.polling import DEFAULT_POLL_MAX_NS, MAX_POLL_NS, event_loop_factory
 from .server.tls import TlsCredentials, TlsError
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ class Config:
     fault_seed: int | None = None
     #: rbd images: "auto" (librbd passes the exclusive lock on demand) or "exclusive"
     rbd_lock: str = "auto"
+    #: the event loop's adaptive polling limit (0: never poll)
+    poll_max_ns: int = DEFAULT_POLL_MAX_NS
 
 
 def _nonneg_int(text: str) -> int:
@@ -85,6 +88,22 @@ def _nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+POLL_HELP = ("poll for up to NS nanoseconds before the event loop sleeps, adapting to the "
+             "load like qemu's iothread poll-max-ns (default "
+             f"{DEFAULT_POLL_MAX_NS}; 0: never poll)")
+
+
+def poll_max_ns_arg(text: str) -> int:
+    """argparse type of ``--poll-max-ns`` (here and in ``pynbd daemon``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of nanoseconds {text!r}") from None
+    if not 0 <= value <= MAX_POLL_NS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and {MAX_POLL_NS}")
     return value
 
 
@@ -175,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cmd=read,errno=EIO,rate=0.5; may be repeated")
     p.add_argument("--fault-seed", type=int, metavar="N",
                    help="seed for the --fault rates (default: random, shown with -v)")
+    p.add_argument("--poll-max-ns", type=poll_max_ns_arg, default=DEFAULT_POLL_MAX_NS,
+                   metavar="NS", help=POLL_HELP)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
     p.add_argument("-V", "--version", action="version", version=f"pynbd {__version__}")
     return p
@@ -271,7 +292,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         rbd_lock=ns.rbd_lock, discard=discard, fork=ns.fork, pid_file=ns.pid_file,
         verbose=ns.verbose,
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
-        tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed)
+        tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed,
+        poll_max_ns=ns.poll_max_ns)
 
 
 def _fault_rules(specs: Sequence[str]) -> list[FaultRule]:
@@ -478,7 +500,8 @@ def run(config: Config) -> int:
             with open(config.pid_file, "w") as fh:
                 fh.write(f"{os.getpid()}\n")
         _signal_ready()
-        asyncio.run(_serve(config, backend, sock))
+        with asyncio.Runner(loop_factory=event_loop_factory(config.poll_max_ns)) as runner:
+            runner.run(_serve(config, backend, sock))
     finally:
         sock.close()
         if config.socket_path is not None:

@@ -19,11 +19,12 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .cli import raise_fd_limit
+from .cli import POLL_HELP, poll_max_ns_arg, raise_fd_limit
 from .qmp import schema as s
 from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, OBJECT_ADD, Engine
 from .qmp.protocol import QMPError
 from .qmp.server import QMPServer
+from .server.polling import DEFAULT_POLL_MAX_NS, event_loop_factory
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", action="append", default=[], metavar="OPTS",
                    help="add an export, e.g. type=nbd,id=e0,node-name=n0,writable=on")
     p.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
+    p.add_argument("--poll-max-ns", type=poll_max_ns_arg, default=DEFAULT_POLL_MAX_NS,
+                   metavar="NS", help=POLL_HELP)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
     p.add_argument("-V", "--version", action="version", version=f"pynbd {__version__}")
     return p
@@ -166,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             if ns.verbose else logging.WARNING,
                             format="pynbd daemon: %(message)s")
         raise_fd_limit()
-        asyncio.run(_run(ns))
+        with asyncio.Runner(loop_factory=event_loop_factory(ns.poll_max_ns)) as runner:
+            runner.run(_run(ns))
     except DaemonUsageError as err:
         print(f"pynbd daemon: {err}", file=sys.stderr)
         return 2

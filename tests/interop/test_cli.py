@@ -158,6 +158,11 @@ BAD_ARGS: list[tuple[str, list[str], list[str]]] = [
     ("long-name", ["-x", "n" * 4097, "memory:1M"], ["export name", "4096"]),
     ("long-description", ["-D", "d" * 4097, "memory:1M"], ["description", "4096"]),
     ("discard", ["--discard", "maybe", "memory:1M"], ["--discard", "maybe"]),
+    ("memory-too-large", ["memory:8E"], ["memory", "too large"]),
+    ("poll-negative", ["--poll-max-ns", "-5", "memory:1M"], ["--poll-max-ns", "'-5'"]),
+    ("poll-too-long", ["--poll-max-ns", "2000000", "memory:1M"],
+     ["--poll-max-ns", "1000000"]),
+    ("poll-not-number", ["--poll-max-ns", "1us", "memory:1M"], ["--poll-max-ns", "'1us'"]),
 ]
 
 
@@ -418,6 +423,32 @@ def test_exits_after_last_client_but_not_after_a_probe(
     session(srv.uri)
     assert wait_exit(srv.proc) == 0
     assert not Path(srv.socket).exists()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("poll", ["default", "0", "1000000"])
+def test_polling_serves_and_an_idle_server_does_not_spin(
+        pynbd_server: Callable[..., Any], poll: str) -> None:
+    """The event loop's adaptive polling (--poll-max-ns) serves clients as usual,
+    and once they stop it sleeps: an idle server uses no CPU even after a busy
+    session, whatever the limit."""
+    srv = pynbd_server(*([] if poll == "default" else ["--poll-max-ns", poll]), "memory:1M")
+    h = connect(srv.uri)
+    try:
+        for i in range(300):  # queue depth 1: the case polling is for
+            h.pwrite(bytes([i % 256]) * 4096, (i % 64) * 4096)
+            assert h.pread(4096, (i % 64) * 4096) == bytes([i % 256]) * 4096
+        time.sleep(0.2)
+        before = _cpu_seconds(srv.proc.pid)
+        time.sleep(1.0)  # the client is still connected, but quiet
+        assert _cpu_seconds(srv.proc.pid) - before < 0.05
+    finally:
+        h.shutdown()
 
 
 def test_persistent_keeps_running(pynbd_server: Callable[..., Any]) -> None:
