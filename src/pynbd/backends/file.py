@@ -32,7 +32,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from ._pool import POOL, in_pool
+from ._pool import POOL, in_pool, track
 from .base import Backend, Capabilities, Extent, ExtentFlags, FastZeroUnsupported
 from .fileio import (
     FALLOC_FL_KEEP_SIZE,
@@ -316,7 +316,7 @@ class FileBackend(Backend):
 
     def _start_sync(self, round_: asyncio.Future[None]) -> None:
         self._sync_running = round_
-        job = asyncio.get_running_loop().run_in_executor(POOL, self._fdatasync)
+        job = track(asyncio.get_running_loop().run_in_executor(POOL, self._fdatasync))
         job.add_done_callback(functools.partial(self._sync_done, round_))
 
     def _sync_done(self, round_: asyncio.Future[None], job: asyncio.Future[None]) -> None:

@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ._pool import off_thread_done, off_thread_started
 from .base import (
     Backend,
     Capabilities,
@@ -319,14 +320,22 @@ class RbdBackend(Backend):
             handoff = self._handoff = _Handoff(loop)
         put = handoff.put
 
+        def settle(result: int, data: tuple[Any, ...]) -> None:
+            off_thread_done()
+            callback(result, data)
+
         def done(completion: Any, *data: Any) -> None:
             # on a librbd thread: hand over to the loop, nothing else
-            put(callback, completion.get_return_value(), data)
+            put(settle, completion.get_return_value(), data)
 
+        off_thread_started()
         try:
             call(done)
-        except self._rbd.Error as exc:
-            raise _oserror(exc, "rbd") from None
+        except BaseException as exc:
+            off_thread_done()  # it never started
+            if isinstance(exc, self._rbd.Error):
+                raise _oserror(exc, "rbd") from None
+            raise
 
     def _submit(self, call: Callable[[Callable[..., None]], object]) -> asyncio.Future[Any]:
         """Start an aio call; the future gets ``(result, data)``."""

@@ -16,8 +16,11 @@ so that only loads that benefit pay for polling:
 - a poll that finds an event keeps the window as it is.
 
 Polling only happens when the loop would otherwise block (``timeout`` not 0):
-under load the loop never sleeps and so never polls.  It is never used with a
-single usable CPU, where spinning would only keep the client from running.
+under load the loop never sleeps and so never polls.  It does not happen while
+the loop awaits work from other threads (the I/O pool, librbd): they need the
+GIL to hand their results over, and a spinning loop keeps taking it back
+(``pynbd.backends._pool.off_thread_pending``).  It is never used with a single
+usable CPU, where spinning would only keep the client from running.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import os
 import selectors
 import time
 from typing import TYPE_CHECKING
+
+from ..backends._pool import off_thread_pending
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,7 +64,7 @@ class PollingSelector(selectors.EpollSelector):
         if (timeout is not None and timeout <= 0) or self.poll_max_ns == 0:
             return super().select(timeout)
         start = time.monotonic_ns()
-        if self.poll_ns:
+        if self.poll_ns and not off_thread_pending():
             window = self.poll_ns if timeout is None else min(self.poll_ns, int(timeout * 1e9))
             deadline = start + window
             while True:

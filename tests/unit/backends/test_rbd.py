@@ -7,6 +7,7 @@ client, so they also prove that the backend keeps no private cache.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib
 import re
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from tests.unit.backends.contract import BackendContract, pattern, read, run
 
-from pynbd.backends import Backend, ExtentFlags, FastZeroUnsupported
+from pynbd.backends import Backend, ExtentFlags, FastZeroUnsupported, _pool
 from pynbd.backends.rbd import RbdBackend, RbdSpec, RbdSpecError, parse_rbd_filename
 
 if TYPE_CHECKING:
@@ -59,6 +60,31 @@ def test_cache_off_by_default_and_multi_conn(ceph: CephCluster) -> None:
     try:
         assert backend._cluster.conf_get("rbd_cache") == "false"
         assert backend.capabilities.can_multi_conn
+    finally:
+        run(backend.close())
+
+
+def test_aio_in_flight_is_counted_for_the_loop(ceph: CephCluster) -> None:
+    """While librbd works on a request the loop knows it awaits another thread (and
+    so does not spin: pynbd.server.polling); the count drops when it is handed back."""
+    backend = _backend(ceph)
+
+    async def scenario() -> list[int]:
+        before = _pool.off_thread_pending()
+        seen = []
+        loop = asyncio.get_running_loop()
+        wrote: asyncio.Future[OSError | None] = loop.create_future()
+        got: asyncio.Future[bytes | bytearray | None] = loop.create_future()
+        assert backend.start_write(b"w" * 4096, 0, False, wrote.set_result)
+        assert backend.start_read(8192, 4096, lambda data, _: got.set_result(data))
+        seen.append(_pool.off_thread_pending() - before)
+        assert await wrote is None
+        assert await got == bytes(4096)
+        seen.append(_pool.off_thread_pending() - before)
+        return seen
+
+    try:
+        assert run(scenario()) == [2, 0]
     finally:
         run(backend.close())
 

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from pynbd.backends import _pool
 from pynbd.server import polling
 from pynbd.server.polling import POLL_START_NS, PollingSelector, event_loop_factory
 
@@ -121,3 +122,50 @@ def test_the_loop_factory(monkeypatch: pytest.MonkeyPatch) -> None:
                 return await loop.sock_recv(a, 4)
 
         assert runner.run(echo()) == b"ping"
+
+
+def test_no_polling_while_work_is_awaited_from_other_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread that finishes work for the loop needs the GIL to hand it over: the
+    loop must sleep at once instead of spinning while such work is pending."""
+    selector = PollingSelector(1_000_000)
+    a, b = _pair(selector)
+    polls: list[float | None] = []
+    real_select = selectors.EpollSelector.select
+
+    def counting(self: selectors.EpollSelector, timeout: float | None = None
+                 ) -> list[tuple[selectors.SelectorKey, int]]:
+        polls.append(timeout)
+        return real_select(self, timeout)
+
+    monkeypatch.setattr(selectors.EpollSelector, "select", counting)
+    try:
+        selector.poll_ns = 1_000_000
+        _pool.off_thread_started()
+        try:
+            assert selector.select(0.002) == []
+        finally:
+            _pool.off_thread_done()
+        assert polls == [0.002]  # one sleeping wait, no timeout-0 polls
+        polls.clear()
+        selector.poll_ns = 1_000_000
+        assert selector.select(0.002) == []
+        assert polls.count(0) > 1  # nothing pending: it polled first
+    finally:
+        selector.close()
+        a.close()
+        b.close()
+
+
+def test_the_pool_counts_what_it_runs() -> None:
+    async def scenario() -> list[int]:
+        seen = []
+        before = _pool.off_thread_pending()
+        job = asyncio.ensure_future(_pool.in_pool(time.sleep, 0.01))
+        await asyncio.sleep(0)
+        seen.append(_pool.off_thread_pending() - before)
+        await job
+        seen.append(_pool.off_thread_pending() - before)
+        return seen
+
+    assert asyncio.run(scenario()) == [1, 0]
