@@ -50,7 +50,8 @@ class ThreadedBackend(MemoryBackend):
         # like rbd: no inline reads, no block-status probe before large reads (so they
         # come here too), I/O that completes by itself
         self.capabilities = dataclasses.replace(self.capabilities, sparse_reads=False,
-                                                inline_reads=False, direct_io=True)
+                                                inline_reads=False, direct_io=True,
+                                                sendfile_reads=False)
         self.started = {"read": 0, "write": 0}
         #: set once 8 writes have started
         self.in_flight = asyncio.Event()
@@ -122,9 +123,6 @@ class ThreadedBackend(MemoryBackend):
 
     def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
         return False
-
-    def sendfile_fd(self, offset: int, length: int, *, data_only: bool = False) -> int:
-        return -1  # like rbd: large reads are not sent from a file either
 
 
 def uri(path: str) -> str:

@@ -1,10 +1,11 @@
 """Large reads of a file or memory export go out with sendfile, whole and in order.
 
-A server runs in-process over a ``FileBackend`` or a ``MemoryBackend`` (a
-memfd); a raw client floods it with
+A server runs in-process over a ``FileBackend``, a ``MemoryBackend`` (a memfd),
+or a file seen through ``OffsetBackend`` (``-o``) or ``FaultBackend`` (every
+node of ``pynbd daemon``); a raw client floods it with
 1 MiB reads it does not collect at first, so the socket fills up part way
 through a reply (the rest is then queued the ordinary way), and checks every
-byte of every reply afterwards.  The backend's ``sendfile_fd`` answers -1 for
+byte of every reply afterwards.  The backend's ``sendfile_source`` answers None for
 ranges that are not all in the page cache or, when asked, hold a hole.
 """
 
@@ -18,13 +19,15 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.support.inprocess import open_raw, serving
 
-from pynbd.backends import Backend, FileBackend, MemoryBackend
+from pynbd.backends import Backend, FileBackend, MemoryBackend, OffsetBackend, fileio
+from pynbd.backends.faults import FaultBackend, parse_fault_spec
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     Cmd,
 )
+from pynbd.server import connection
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -43,20 +46,30 @@ def make_file(tmp_path: Path) -> tuple[str, bytes]:
     return str(path), data
 
 
+#: where the -o window starts: not page-aligned
+WINDOW = 5000
+
+
 async def open_backend(kind: str, tmp_path: Path) -> tuple[Backend, bytes]:
+    """The backend to serve and the bytes it must show."""
     image, content = make_file(tmp_path)
-    if kind == "file":
-        return FileBackend(image), content
-    memory = MemoryBackend(SIZE)
-    await memory.pwrite(content, 0)
-    return memory, content
+    if kind == "memory":
+        memory = MemoryBackend(SIZE)
+        await memory.pwrite(content, 0)
+        return memory, content
+    if kind == "file-offset":
+        return OffsetBackend(FileBackend(image), WINDOW), content[WINDOW:]
+    if kind == "file-faults":  # a rule that never picks a read
+        return FaultBackend(FileBackend(image), [parse_fault_spec("cmd=flush,errno=EIO")]), \
+            content
+    return FileBackend(image), content
 
 
-@pytest.mark.parametrize("kind", ["file", "memory"])
+@pytest.mark.parametrize("kind", ["file", "memory", "file-offset", "file-faults"])
 def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     backend_class: type[FileBackend | MemoryBackend] = (
-        FileBackend if kind == "file" else MemoryBackend)
+        MemoryBackend if kind == "memory" else FileBackend)
     calls = {"sendfile": 0, "rest": 0, "copied": 0}
     real_sendfile = os.sendfile
 
@@ -65,14 +78,13 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
         return real_sendfile(out_fd, in_fd, offset, count)
 
     monkeypatch.setattr(os, "sendfile", counting_sendfile)
-    real_rest = backend_class.pread_blocking
+    real_rest = fileio.pread_all
 
-    def counting_rest(self: FileBackend | MemoryBackend, buf: memoryview,
-                      offset: int) -> None:
+    def counting_rest(fd: int, buf: memoryview, offset: int) -> None:
         calls["rest"] += 1
-        real_rest(self, buf, offset)  # type: ignore[arg-type]
+        real_rest(fd, buf, offset)
 
-    monkeypatch.setattr(backend_class, "pread_blocking", counting_rest)
+    monkeypatch.setattr(connection, "pread_all", counting_rest)
     real_nowait = backend_class.pread_nowait
 
     def counting_nowait(self: FileBackend | MemoryBackend, buf: memoryview,
@@ -92,7 +104,7 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
                 plan = []
                 for cookie in range(96):
                     length = rng.choice([MIB, 256 * 1024, 96 * 1024, 64 * 1024 + 512, 4096])
-                    offset = rng.randrange(0, SIZE - length)
+                    offset = rng.randrange(0, len(content) - length)
                     if cookie % 3 == 0:
                         offset -= offset % 4096  # some page-aligned, most not
                     plan.append((cookie, offset, length))
@@ -124,14 +136,14 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
     assert calls["copied"] == 0
 
 
-def test_sendfile_fd_only_for_cached_data(tmp_path: Path) -> None:
+def test_sendfile_source_only_for_cached_data(tmp_path: Path) -> None:
     image, _ = make_file(tmp_path)
     backend = FileBackend(image)
     try:
-        if backend.sendfile_fd(0, MIB) < 0:
+        if backend.sendfile_source(0, MIB) is None:
             pytest.skip("this kernel has no cachestat(2)")
-        assert backend.sendfile_fd(0, MIB, data_only=True) >= 0
-        assert backend.sendfile_fd(SIZE - 4096, 8192) == -1  # past the end
+        assert backend.sendfile_source(MIB, MIB, data_only=True) == (backend._fd, MIB)
+        assert backend.sendfile_source(SIZE - 4096, 8192) is None  # past the end
         # a hole: cached (it reads as zeroes) but not data
         fd = os.open(image, os.O_RDWR)
         try:
@@ -143,7 +155,7 @@ def test_sendfile_fd_only_for_cached_data(tmp_path: Path) -> None:
             os.close(fd)
         grown = FileBackend(image)
         try:
-            assert grown.sendfile_fd(SIZE, MIB, data_only=True) == -1
+            assert grown.sendfile_source(SIZE, MIB, data_only=True) is None
             # out of the page cache: no sendfile (it could block on the disk)
             fd = os.open(image, os.O_RDONLY)
             try:
@@ -151,8 +163,27 @@ def test_sendfile_fd_only_for_cached_data(tmp_path: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-            assert grown.sendfile_fd(2 * MIB, MIB) == -1
+            assert grown.sendfile_source(2 * MIB, MIB) is None
         finally:
             asyncio.run(grown.close())
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_wrappers_pass_the_sendfile_source_through(tmp_path: Path) -> None:
+    image, _ = make_file(tmp_path)
+    backend = FileBackend(image)
+    try:
+        if backend.sendfile_source(0, MIB) is None:
+            pytest.skip("this kernel has no cachestat(2)")
+        window = OffsetBackend(backend, WINDOW)
+        assert window.capabilities.sendfile_reads
+        assert window.sendfile_source(MIB, MIB) == (backend._fd, WINDOW + MIB)
+        faults = FaultBackend(backend, [parse_fault_spec("cmd=write,errno=EIO")])
+        assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)
+        # a read that a rule may pick must take the path where the rule applies
+        faults.add_rule(parse_fault_spec("cmd=read,errno=EIO,range=0-4096"))
+        assert faults.sendfile_source(0, MIB) is None
+        assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)
     finally:
         asyncio.run(backend.close())

@@ -51,6 +51,8 @@ class Capabilities:
     inline_reads: bool = False
     #: ``start_read``/``start_write`` are offered (I/O completing on its own threads)
     direct_io: bool = False
+    #: ``sendfile_source`` may name a file to send large reads from
+    sendfile_reads: bool = False
 
 
 class ExtentFlags(enum.IntFlag):
@@ -175,6 +177,19 @@ class Backend(abc.ABC):
         until ``done`` is called.
         """
         return False
+
+    def sendfile_source(self, offset: int, length: int, *,
+                        data_only: bool = False) -> tuple[int, int] | None:
+        """Where to ``os.sendfile`` the range from without blocking: ``(fd, position)``.
+
+        None when the range is not all in memory (page cache, RAM disk) or,
+        with ``data_only``, may hold a hole; the default is always None.  The
+        server sends the reply header, then the data with ``sendfile``; if the
+        socket fills part way, it reads the rest from the same fd and position
+        on the loop's thread (just found in memory, so that does not block
+        for long).  Only asked when ``capabilities.sendfile_reads`` is set.
+        """
+        return None
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         """Fill ``buf`` at once if that cannot block (e.g. a page-cache hit).

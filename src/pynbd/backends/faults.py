@@ -60,6 +60,7 @@ COMMANDS = ("read", "write", "flush", "trim", "zero", "block-status", "cache")
 _GUARDED = (
     ("pread", ("read",)),
     ("pread_nowait", ("read",)),
+    ("sendfile_source", ("read",)),
     ("pwrite", ("write",)),
     ("pwrite_nowait", ("write",)),
     ("flush", ("flush",)),
@@ -383,6 +384,12 @@ class FaultBackend(Backend):
         if self._may_pick("read", offset, len(buf)):
             return False
         return self.inner.pread_nowait(buf, offset)
+
+    def sendfile_source(self, offset: int, length: int, *,
+                        data_only: bool = False) -> tuple[int, int] | None:
+        if self._may_pick("read", offset, length):
+            return None
+        return self.inner.sendfile_source(offset, length, data_only=data_only)
 
     def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
         # a request a rule may pick takes the task path, where ``_inject`` applies

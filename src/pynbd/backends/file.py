@@ -161,6 +161,7 @@ class FileBackend(Backend):
             can_fast_zero=writable,
             can_cache=True,
             inline_reads=True,
+            sendfile_reads=True,
             can_extents=not self.is_block_device,
             can_multi_conn=True,
         )
@@ -185,38 +186,33 @@ class FileBackend(Backend):
             return False
         return self._nowait(os.preadv, _Feature.NOWAIT_READ, view, offset) == len(view)
 
-    def sendfile_fd(self, offset: int, length: int, *, data_only: bool = False) -> int:
-        """The fd to ``os.sendfile`` the range from without blocking on storage, or -1.
+    def sendfile_source(self, offset: int, length: int, *,
+                        data_only: bool = False) -> tuple[int, int] | None:
+        """The file and position to ``os.sendfile`` the range from, or None.
 
         Only when every page of the range is in the page cache (checked with
-        ``cachestat(2)``; -1 where the kernel lacks it) and, with
+        ``cachestat(2)``; None where the kernel lacks it) and, with
         ``data_only``, the range holds no hole.  A page evicted between this
         check and the send makes that one send wait for the read.
         """
         if _Feature.CACHESTAT in self._unsupported or offset + length > self.size:
-            return -1
+            return None
         _CACHESTAT_RANGE.pack_into(self._cachestat_range, 0, offset, length)
         if _libc.syscall(_SYS_CACHESTAT, self._fd, self._cachestat_range,
                          self._cachestat, 0) != 0:
             if ctypes.get_errno() in _UNSUPPORTED or ctypes.get_errno() == errno.EINVAL:
                 self._unsupported.add(_Feature.CACHESTAT)
-            return -1
+            return None
         first, last = offset // _PAGE, (offset + length - 1) // _PAGE
         if _CACHESTAT.unpack_from(self._cachestat)[0] < last - first + 1:
-            return -1
+            return None
         if data_only and not self.is_block_device:
             try:
                 if os.lseek(self._fd, offset, os.SEEK_HOLE) < offset + length:
-                    return -1
+                    return None
             except OSError:
-                return -1
-        return self._fd
-
-    def pread_blocking(self, buf: memoryview, offset: int) -> None:
-        """Fill ``buf`` now, on the caller's thread (holes and past-the-end read as
-        zeroes).  Only for a range just found in the page cache, after a
-        ``sendfile`` of it stopped part way."""
-        self._pread_all(as_bytes(buf), offset)
+                return None
+        return self._fd, offset
 
     def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
         view = as_bytes(data)

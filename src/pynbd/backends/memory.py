@@ -19,7 +19,7 @@ Rules of this module:
   nbdcopy into memory 1,300 -> 450-800 MB/s, the threads and the loop
   fighting over the GIL.)
 - Because the disk is a file, large reads go to the socket with ``sendfile``
-  (``sendfile_fd``), and trims and zeroing are ``fallocate`` calls.
+  (``sendfile_source``), and trims and zeroing are ``fallocate`` calls.
 - Allocation is tracked here in ``CHUNK_SIZE`` chunks (the kernel's
   ``SEEK_HOLE`` walks every page of a data run, milliseconds per GiB): a chunk
   is marked before a write to it starts and again when it ends, and unmarked
@@ -70,7 +70,7 @@ class MemoryBackend(Backend):
         if size >= 1 << 63:
             raise ValueError(f"size {size} is too large (the limit is 2**63 - 1 bytes)")
         self.size = size
-        self.capabilities = Capabilities(inline_reads=True)
+        self.capabilities = Capabilities(inline_reads=True, sendfile_reads=True)
         fd = os.memfd_create("pynbd-memory", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -175,18 +175,13 @@ class MemoryBackend(Backend):
         finally:
             self._mark(offset, len(view))  # a trim may have unmarked it meanwhile
 
-    # -- the sendfile source (see pynbd.server.connection) -------------------
-
-    def sendfile_fd(self, offset: int, length: int, *, data_only: bool = False) -> int:
-        """The fd to ``os.sendfile`` the range from (never blocks); -1 when
+    def sendfile_source(self, offset: int, length: int, *,
+                        data_only: bool = False) -> tuple[int, int] | None:
+        """The memfd and position (shared memory never blocks); None when
         ``data_only`` and the range may hold a hole."""
         if data_only and not self._all_marked(offset, length):
-            return -1
-        return self._fd
-
-    def pread_blocking(self, buf: memoryview, offset: int) -> None:
-        """Fill ``buf`` now, on the caller's thread."""
-        pread_all(self._fd, as_bytes(buf), offset)
+            return None
+        return self._fd, offset
 
     # -- durability, trim and zero -------------------------------------------
 

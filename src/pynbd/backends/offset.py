@@ -58,6 +58,10 @@ class OffsetBackend(Backend):
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         return self.inner.pread_nowait(buf, self.offset + offset)
 
+    def sendfile_source(self, offset: int, length: int, *,
+                        data_only: bool = False) -> tuple[int, int] | None:
+        return self.inner.sendfile_source(self.offset + offset, length, data_only=data_only)
+
     def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
         return self.inner.start_read(self.offset + offset, length, done)
 

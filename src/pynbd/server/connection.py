@@ -33,9 +33,10 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 from ..backends.base import ExtentFlags
+from ..backends.fileio import pread_all
 from ..proto.constants import Cmd, CmdFlag, Errno
 from ..proto.errors import ProtocolError, nbd_errno
 from ..proto.events import (
@@ -92,14 +93,6 @@ _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
 
 
-class SendfileSource(Protocol):
-    """What a backend offers for sending reads straight from its file (``FileBackend``)."""
-
-    def sendfile_fd(self, offset: int, length: int, *, data_only: bool = False) -> int: ...
-
-    def pread_blocking(self, buf: memoryview, offset: int) -> None: ...
-
-
 @dataclasses.dataclass(slots=True)
 class ConnectionStats:
     """Counters shown by QMP ``x-query-nbd-clients``."""
@@ -131,8 +124,8 @@ class Connection(asyncio.BufferedProtocol):
         self._core: ServerTransmission | None = None
         #: the plain socket's fd replies may be written to directly, or -1 (TLS)
         self._fd = -1
-        #: the export's backend, if reads can go from its file with sendfile
-        self._sendfile: SendfileSource | None = None
+        #: large reads may go out with sendfile (the backend offers it, plain socket)
+        self._sendfile = False
         #: where handshake bytes are received (the transmission core has its own)
         self._handshake_buf = _HANDSHAKE_BUFFER
         #: requests in flight (tasks, or tokens of direct ones), with the payload bytes
@@ -346,8 +339,7 @@ class Connection(asyncio.BufferedProtocol):
         sock = self._transport.get_extra_info("socket")
         if sock is not None and self._transport.get_extra_info("sslcontext") is None:
             self._fd = sock.fileno()
-            if hasattr(export.backend, "sendfile_fd"):  # not through a wrapping backend
-                self._sendfile = cast("SendfileSource", export.backend)
+            self._sendfile = caps.sendfile_reads
             # processing pauses as soon as anything waits on the transport, and
             # resumes once it has all gone (see _send)
             self._transport.set_write_buffer_limits(high=0)
@@ -402,7 +394,7 @@ class Connection(asyncio.BufferedProtocol):
             if request.length > INLINE_READ_MAX:
                 return False
             sparse = self._sparse(request)
-            if (request.length >= SENDFILE_MIN and self._sendfile is not None
+            if (request.length >= SENDFILE_MIN and self._sendfile
                     and self._send_from_file(core, request, out, sparse=sparse)):
                 self._out_bytes = 0
             elif sparse or not self._inline_reads:
@@ -444,13 +436,14 @@ class Connection(asyncio.BufferedProtocol):
         backend's file (no copy through Python), if that cannot block on
         storage; replies gathered in ``out`` leave first.  With ``sparse``
         only a range without holes qualifies.  False: this reply was not sent."""
-        source, transport = self._sendfile, self._transport
-        assert source is not None
+        transport = self._transport
         assert transport is not None
+        assert self.export is not None
         offset, length = request.offset, request.length
-        src = source.sendfile_fd(offset, length, data_only=sparse)
-        if src < 0:
+        source = self.export.backend.sendfile_source(offset, length, data_only=sparse)
+        if source is None:
             return False
+        src, position = source
         if out:
             self._send(out)
             out.clear()
@@ -469,7 +462,7 @@ class Connection(asyncio.BufferedProtocol):
         if sent == head_size:
             while done < length:
                 try:
-                    count = os.sendfile(fd, src, offset + done, length - done)
+                    count = os.sendfile(fd, src, position + done, length - done)
                 except OSError:  # the socket is full (or broken): the rest goes below
                     break
                 if count == 0:
@@ -480,7 +473,7 @@ class Connection(asyncio.BufferedProtocol):
         # the socket took only part of it: queue the rest, read the ordinary way
         rest = bytearray(length - done)
         try:
-            source.pread_blocking(memoryview(rest), offset + done)
+            pread_all(src, memoryview(rest), position + done)
         except OSError as err:
             # the reply has begun and cannot become an error reply: the stream is lost
             log.info("%s: read failed after its reply began: %s", self.peer, err)

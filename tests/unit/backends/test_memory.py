@@ -39,7 +39,7 @@ class TestMemoryBackend(BackendContract):
 
 
 def test_capabilities_are_all_true() -> None:
-    assert MemoryBackend(10).capabilities == Capabilities(inline_reads=True)
+    assert MemoryBackend(10).capabilities == Capabilities(inline_reads=True, sendfile_reads=True)
 
 
 def test_negative_size_is_rejected() -> None:
@@ -151,8 +151,9 @@ def test_reading_holes_allocates_nothing() -> None:
     run(read(backend, 0, backend.size))  # through the mapping where marked, else preadv
     buf = bytearray(CHUNK)
     assert backend.pread_nowait(memoryview(buf), 5 * CHUNK)
-    fd = backend.sendfile_fd(0, backend.size)
-    assert os.pread(fd, CHUNK, 0) == bytes(CHUNK)
+    source = backend.sendfile_source(0, backend.size)
+    assert source is not None
+    assert os.pread(source[0], CHUNK, source[1]) == bytes(CHUNK)
     assert backend.allocated_bytes() == 0
 
 
@@ -175,7 +176,8 @@ def test_mapping_and_file_are_one_store() -> None:
     first, second = pattern(3, CHUNK), pattern(4, CHUNK)
     assert backend.pwrite_nowait(first, CHUNK)   # unmarked: written with pwritev
     assert backend.pwrite_nowait(second, CHUNK)  # marked: copied into the mapping
-    assert os.pread(backend.sendfile_fd(CHUNK, CHUNK, data_only=True), CHUNK, CHUNK) == second
+    assert backend.sendfile_source(CHUNK, CHUNK, data_only=True) == (backend._fd, CHUNK)
+    assert os.pread(backend._fd, CHUNK, CHUNK) == second
     os.pwrite(backend._fd, first, CHUNK)
     assert run(read(backend, CHUNK, CHUNK)) == first
 
@@ -183,9 +185,9 @@ def test_mapping_and_file_are_one_store() -> None:
 def test_sendfile_source_only_for_marked_ranges_when_data_only() -> None:
     backend = MemoryBackend(4 * CHUNK)
     run(backend.pwrite(b"x", CHUNK + 7))
-    assert backend.sendfile_fd(CHUNK, CHUNK, data_only=True) == backend._fd
-    assert backend.sendfile_fd(CHUNK, CHUNK + 1, data_only=True) == -1
-    assert backend.sendfile_fd(0, 4 * CHUNK) == backend._fd
+    assert backend.sendfile_source(CHUNK, CHUNK, data_only=True) == (backend._fd, CHUNK)
+    assert backend.sendfile_source(CHUNK, CHUNK + 1, data_only=True) is None
+    assert backend.sendfile_source(0, 4 * CHUNK) == (backend._fd, 0)
 
 
 def test_large_requests_go_through_the_pool() -> None:

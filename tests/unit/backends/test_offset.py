@@ -94,7 +94,8 @@ def test_capabilities_are_the_inner_ones(tmp_path: pathlib.Path) -> None:
     assert window.capabilities is inner.capabilities
     assert not window.capabilities.can_write
     run(window.close())
-    assert OffsetBackend(MemoryBackend(10), 1).capabilities == Capabilities(inline_reads=True)
+    assert OffsetBackend(MemoryBackend(10), 1).capabilities == Capabilities(
+        inline_reads=True, sendfile_reads=True)
 
 
 def test_requests_land_at_the_offset() -> None:
