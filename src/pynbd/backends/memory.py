@@ -144,7 +144,10 @@ class MemoryBackend(Backend):
             return False
         if count:
             mapped = self._view
-            if mapped is not None and self._all_marked(offset, count):
+            first = offset >> _SHIFT  # one chunk (the common case) tested inline
+            if mapped is not None and (
+                    first in self._present if first == (offset + count - 1) >> _SHIFT
+                    else self._all_marked(offset, count)):
                 view[:] = mapped[offset:offset + count]
             else:
                 pread_all(self._fd, view, offset)
@@ -157,7 +160,10 @@ class MemoryBackend(Backend):
             return False
         if count:
             mapped = self._view
-            if mapped is not None and self._all_marked(offset, count):
+            first = offset >> _SHIFT
+            if mapped is not None and (
+                    first in self._present if first == (offset + count - 1) >> _SHIFT
+                    else self._all_marked(offset, count)):
                 mapped[offset:offset + count] = view
             else:
                 self._mark(offset, count)
