@@ -30,6 +30,7 @@ from pynbd.proto.constants import (
 from pynbd.server import connection
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 MIB = 1 << 20
@@ -136,54 +137,51 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
     assert calls["copied"] == 0
 
 
-def test_sendfile_source_only_for_cached_data(tmp_path: Path) -> None:
+@pytest.fixture
+def cached(tmp_path: Path) -> Iterator[tuple[str, FileBackend]]:
+    """A cached image file and a ``FileBackend`` on it (skips without cachestat(2))."""
     image, _ = make_file(tmp_path)
     backend = FileBackend(image)
     try:
         if backend.sendfile_source(0, MIB) is None:
             pytest.skip("this kernel has no cachestat(2)")
-        assert backend.sendfile_source(MIB, MIB, data_only=True) == (backend._fd, MIB)
-        assert backend.sendfile_source(SIZE - 4096, 8192) is None  # past the end
-        # a hole: cached (it reads as zeroes) but not data
-        fd = os.open(image, os.O_RDWR)
+        yield image, backend
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_sendfile_source_only_for_cached_data(cached: tuple[str, FileBackend]) -> None:
+    image, backend = cached
+    assert backend.sendfile_source(MIB, MIB, data_only=True) == (backend._fd, MIB)
+    assert backend.sendfile_source(SIZE - 4096, 8192) is None  # past the end
+    # a hole: cached (it reads as zeroes) but not data
+    os.truncate(image, SIZE + 4 * MIB)
+    with open(image, "rb") as fh:
+        fh.seek(SIZE)
+        fh.read(4 * MIB)
+    grown = FileBackend(image)
+    try:
+        assert grown.sendfile_source(SIZE, MIB, data_only=True) is None
+        # out of the page cache: no sendfile (it could block on the disk)
+        fd = os.open(image, os.O_RDONLY)
         try:
-            os.truncate(image, SIZE + 4 * MIB)
-            with open(image, "rb") as fh:
-                fh.seek(SIZE)
-                fh.read(4 * MIB)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        grown = FileBackend(image)
-        try:
-            assert grown.sendfile_source(SIZE, MIB, data_only=True) is None
-            # out of the page cache: no sendfile (it could block on the disk)
-            fd = os.open(image, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            assert grown.sendfile_source(2 * MIB, MIB) is None
-        finally:
-            asyncio.run(grown.close())
+        assert grown.sendfile_source(2 * MIB, MIB) is None
     finally:
-        asyncio.run(backend.close())
+        asyncio.run(grown.close())
 
 
-def test_wrappers_pass_the_sendfile_source_through(tmp_path: Path) -> None:
-    image, _ = make_file(tmp_path)
-    backend = FileBackend(image)
-    try:
-        if backend.sendfile_source(0, MIB) is None:
-            pytest.skip("this kernel has no cachestat(2)")
-        window = OffsetBackend(backend, WINDOW)
-        assert window.capabilities.sendfile_reads
-        assert window.sendfile_source(MIB, MIB) == (backend._fd, WINDOW + MIB)
-        faults = FaultBackend(backend, [parse_fault_spec("cmd=write,errno=EIO")])
-        assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)
-        # a read that a rule may pick must take the path where the rule applies
-        faults.add_rule(parse_fault_spec("cmd=read,errno=EIO,range=0-4096"))
-        assert faults.sendfile_source(0, MIB) is None
-        assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)
-    finally:
-        asyncio.run(backend.close())
+def test_wrappers_pass_the_sendfile_source_through(cached: tuple[str, FileBackend]) -> None:
+    _, backend = cached
+    window = OffsetBackend(backend, WINDOW)
+    assert window.capabilities.sendfile_reads
+    assert window.sendfile_source(MIB, MIB) == (backend._fd, WINDOW + MIB)
+    faults = FaultBackend(backend, [parse_fault_spec("cmd=write,errno=EIO")])
+    assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)
+    # a read that a rule may pick must take the path where the rule applies
+    faults.add_rule(parse_fault_spec("cmd=read,errno=EIO,range=0-4096"))
+    assert faults.sendfile_source(0, MIB) is None
+    assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)

@@ -131,6 +131,21 @@ class MemoryBackend(Backend):
             return first in present
         return all(index in present for index in range(first, last + 1))
 
+    def _mapped(self, offset: int, count: int) -> memoryview | None:
+        """The mapping's view of a range (``count`` > 0) whose chunks are all
+        marked, else None (a read fault there could allocate a hole's pages, a
+        write fault costs more than ``pwritev``)."""
+        mapped = self._view
+        if mapped is None:
+            return None
+        first = offset >> _SHIFT  # one chunk, the common case, tested inline
+        if first == (offset + count - 1) >> _SHIFT:
+            if first not in self._present:
+                return None
+        elif not self._all_marked(offset, count):
+            return None
+        return mapped[offset:offset + count]
+
     # -- reads and writes --------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int) -> None:
@@ -143,12 +158,9 @@ class MemoryBackend(Backend):
         if count > INLINE_MAX:
             return False
         if count:
-            mapped = self._view
-            first = offset >> _SHIFT  # one chunk (the common case) tested inline
-            if mapped is not None and (
-                    first in self._present if first == (offset + count - 1) >> _SHIFT
-                    else self._all_marked(offset, count)):
-                view[:] = mapped[offset:offset + count]
+            mapped = self._mapped(offset, count)
+            if mapped is not None:
+                view[:] = mapped
             else:
                 pread_all(self._fd, view, offset)
         return True
@@ -159,12 +171,9 @@ class MemoryBackend(Backend):
         if count > INLINE_MAX:
             return False
         if count:
-            mapped = self._view
-            first = offset >> _SHIFT
-            if mapped is not None and (
-                    first in self._present if first == (offset + count - 1) >> _SHIFT
-                    else self._all_marked(offset, count)):
-                mapped[offset:offset + count] = view
+            mapped = self._mapped(offset, count)
+            if mapped is not None:
+                mapped[:] = view
             else:
                 self._mark(offset, count)
                 pwrite_all(self._fd, view, offset)
