@@ -925,8 +925,12 @@ def test_startup_nested_node_without_qmp(daemon: Callable[..., Daemon], tmp_path
      "Parameter 'max-connections' expects an integer"),
     (["--blockdev", "driver"], "--blockdev driver: Expected '=' after parameter 'driver'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--poll-max-ns", "-1"], "argument --poll-max-ns: '-1' must be between 0 and 1000000"),
+    (["--blockdev", "driver=memory,node-name=m,size=9223372036854775808"],
+     "--blockdev driver=memory,node-name=m,size=9223372036854775808: Parameter 'size': "
+     "size 9223372036854775808 is too large (the limit is 2**63 - 1 bytes)"),
 ], ids=["driver", "filename", "nofile", "writable", "nonode", "noserver", "nopath",
-        "limit", "keyval", "option"])
+        "limit", "keyval", "option", "poll", "memory-size"])
 def test_bad_startup_options(tmp_path: Path, args: list[str], message: str) -> None:
     qmp_path = str(tmp_path / "q.sock")
     nbd_sock = str(tmp_path / "n.sock")
