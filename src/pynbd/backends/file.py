@@ -178,7 +178,7 @@ class FileBackend(Backend):
         if len(view) <= INLINE_MAX and _Feature.NOWAIT_READ not in self._unsupported:
             done = self._nowait(os.preadv, _Feature.NOWAIT_READ, view, offset)
         if done < len(view):
-            await in_pool(functools.partial(self._pread_all, view[done:], offset + done))
+            await in_pool(pread_all, self._fd, view[done:], offset + done)
 
     def pread_nowait(self, buf: memoryview, offset: int) -> bool:
         view = as_bytes(buf)
@@ -251,7 +251,7 @@ class FileBackend(Backend):
                      fua: bool = False) -> None:
         view = as_bytes(data)
         if not self.pwrite_nowait(view, offset):
-            await in_pool(functools.partial(self._pwrite_all, view, offset))
+            await in_pool(pwrite_all, self._fd, view, offset)
         if fua:
             await self._sync()
 
@@ -268,17 +268,11 @@ class FileBackend(Backend):
                 return 0
             raise
 
-    def _pread_all(self, view: memoryview, offset: int) -> None:
-        pread_all(self._fd, view, offset)
-
-    def _pwrite_all(self, view: memoryview, offset: int) -> None:
-        pwrite_all(self._fd, view, offset)
-
     def _write_zero_buffers(self, offset: int, length: int) -> None:
         end = offset + length
         while offset < end:
             count = min(len(ZEROES), end - offset)
-            self._pwrite_all(ZEROES[:count], offset)
+            pwrite_all(self._fd, ZEROES[:count], offset)
             offset += count
 
     # -- durability --------------------------------------------------------

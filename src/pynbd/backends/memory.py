@@ -136,13 +136,7 @@ class MemoryBackend(Backend):
         marked, else None (a read fault there could allocate a hole's pages, a
         write fault costs more than ``pwritev``)."""
         mapped = self._view
-        if mapped is None:
-            return None
-        first = offset >> _SHIFT  # one chunk, the common case, tested inline
-        if first == (offset + count - 1) >> _SHIFT:
-            if first not in self._present:
-                return None
-        elif not self._all_marked(offset, count):
+        if mapped is None or not self._all_marked(offset, count):
             return None
         return mapped[offset:offset + count]
 

@@ -320,13 +320,9 @@ class RbdBackend(Backend):
             handoff = self._handoff = _Handoff(loop)
         put = handoff.put
 
-        def settle(result: int, data: tuple[Any, ...]) -> None:
-            off_thread_done()
-            callback(result, data)
-
         def done(completion: Any, *data: Any) -> None:
             # on a librbd thread: hand over to the loop, nothing else
-            put(settle, completion.get_return_value(), data)
+            put(callback, completion.get_return_value(), data)
 
         off_thread_started()
         try:
@@ -465,9 +461,11 @@ class _Handoff:
     ``put`` runs on a librbd thread: it queues ``(callback, result, data)``
     and wakes the loop only if no wakeup is pending (``call_soon_threadsafe``
     writes to the loop's self-pipe each time); the loop then calls each
-    ``callback(result, data)``.  ``put`` also pins a Python thread state to
-    the calling thread: otherwise the binding creates and destroys one for
-    every callback (an mmap/munmap pair and a page fault per I/O, measured).
+    ``callback(result, data)``, counting each as back from another thread
+    (``off_thread_done``; ``RbdBackend._start`` counted it out).  ``put``
+    also pins a Python thread state to the calling thread: otherwise the
+    binding creates and destroys one for every callback (an mmap/munmap pair
+    and a page fault per I/O, measured).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -492,6 +490,7 @@ class _Handoff:
             items, self._items = self._items, []
             self._scheduled = False
         for callback, result, data in items:
+            off_thread_done()  # counted by ``RbdBackend._start``
             callback(result, data)
 
 

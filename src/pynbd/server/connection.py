@@ -393,7 +393,8 @@ class Connection(asyncio.BufferedProtocol):
         if request.cmd == _READ:
             if request.length > INLINE_READ_MAX:
                 return False
-            sparse = self._sparse(request)
+            # small reads (most of them) skip the method call: neither applies
+            sparse = request.length >= SPARSE_READ_MIN and self._sparse(request)
             if (request.length >= SENDFILE_MIN and self._sendfile
                     and self._send_from_file(core, request, out, sparse=sparse)):
                 self._out_bytes = 0
