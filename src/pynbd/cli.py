@@ -408,7 +408,7 @@ async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
         # a second one: storage that never answers (an rbd cluster gone away)
         # must not keep the process forever
         logging.getLogger("pynbd").error("second signal: exiting without waiting for the "
-                                         "final flush")
+                                         "storage (final flush and close)")
         os._exit(1)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -126,7 +126,7 @@ async def _run(ns: argparse.Namespace) -> None:
             return
         # a second one: storage that never answers the final flush must not keep us
         logging.getLogger("pynbd").error("second signal: exiting without waiting for the "
-                                         "final flush")
+                                         "storage (final flush and close)")
         os._exit(1)
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -27,6 +27,8 @@ import nbd
 import pytest
 from tests.support.interop import require_tool
 
+from pynbd.server.runtime import STOP_WAIT_REPORT
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -498,6 +500,9 @@ def test_second_signal_exits_when_the_final_flush_hangs(pynbd_server: Callable[.
     h.shutdown()
     srv.proc.send_signal(signal.SIGTERM)
     with pytest.raises(subprocess.TimeoutExpired):
-        srv.proc.wait(1.0)  # the final flush waits
+        srv.proc.wait(STOP_WAIT_REPORT + 1.0)  # the final flush waits, and says so
     assert srv.stop(signal.SIGTERM, timeout=10.0) == 1
-    assert "second signal" in srv.proc.stderr.read()
+    stderr = srv.proc.stderr.read()
+    assert "still waiting for the final flush after 2 s" in stderr
+    assert "a signal now exits without waiting" in stderr
+    assert "second signal" in stderr

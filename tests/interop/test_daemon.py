@@ -31,6 +31,7 @@ from tests.support.interop import bounded as _bounded
 from tests.support.qmp import qmp, qmp_open, qmp_session
 
 from pynbd.qmp.protocol import MAX_LINE
+from pynbd.server.runtime import STOP_WAIT_REPORT
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -983,7 +984,7 @@ def test_second_signal_exits_when_the_final_flush_hangs(daemon: Callable[..., Da
                 "node-name": "n", "command": "flush", "delay": 600}) == {"id": 1}
             d.proc.send_signal(signal.SIGTERM)
             with pytest.raises(subprocess.TimeoutExpired):
-                d.proc.wait(1.0)  # the final flush waits
+                d.proc.wait(STOP_WAIT_REPORT + 1.0)  # the final flush waits, and says so
             d.proc.send_signal(signal.SIGTERM)
             assert d.wait() == 1
             exited.append(True)
@@ -991,7 +992,9 @@ def test_second_signal_exits_when_the_final_flush_hangs(daemon: Callable[..., Da
     with contextlib.suppress(EOFError):  # the daemon went away under the QMP client
         asyncio.run(main())
     assert exited == [True]
-    assert "second signal" in d.stderr()
+    stderr = d.stderr()
+    assert "still waiting for the final flush of node 'n' after 2 s" in stderr
+    assert "second signal" in stderr
 
 
 def test_sigterm_right_after_start(daemon: Callable[..., Daemon]) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import pytest
 from qemu.qmp import ExecuteError
 from tests.support.interop import bounded, require_tool
 from tests.support.qmp import qmp, qmp_open
+
+from pynbd.server.runtime import STOP_WAIT_REPORT
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -289,6 +292,36 @@ def test_exclusive_mode_one_writer_and_read_only_gateways(
 
 
 # -- errors -------------------------------------------------------------------------------
+
+
+def test_stop_with_the_cluster_gone(pynbd_server: Callable[..., Any], tmp_path: Path) -> None:
+    """The cluster goes away under a gateway that has written: the first SIGTERM
+    waits for the final flush and the image's close and says so on stderr (never
+    cutting them short), a second one exits at once with status 1.  The test has
+    its own cluster, since it kills it."""
+    from tests.support.ceph import CephCluster
+
+    cluster = CephCluster.start(tmp_path / "doomed")
+    try:
+        srv = pynbd_server(cluster.spec(cluster.new_image(8 * MiB)))
+        h = connect(srv.uri)
+        try:
+            h.pwrite(block(1), 0)
+        finally:
+            close(h)
+    finally:
+        cluster.stop()
+    srv.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        srv.proc.wait(STOP_WAIT_REPORT + 1.5)
+    started = time.monotonic()
+    assert srv.stop(signal.SIGTERM, timeout=T) == 1
+    assert time.monotonic() - started < 10
+    stderr = srv.proc.stderr.read()
+    # librbd without a cache has nothing to flush: closing the image is what waits
+    assert re.search(r"stopping: still waiting for (the final flush|the storage to close) "
+                     r"after 2 s \(storage not answering\?\)", stderr), stderr
+    assert "second signal: exiting without waiting for the storage" in stderr
 
 
 def test_blocklisted_gateway_answers_eshutdown(ceph: CephCluster,

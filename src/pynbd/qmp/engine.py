@@ -29,6 +29,7 @@ from ..backends import FileBackend, MemoryBackend, OffsetBackend
 from ..backends.faults import COMMANDS as FAULT_COMMANDS
 from ..backends.faults import FaultBackend, FaultRule, parse_errno
 from ..server import Export, ExportTable, Server
+from ..server.runtime import wait_at_stop
 from ..server.tls import TlsCredentials, TlsError
 from . import schema as s
 from .protocol import QMPError, generic_error
@@ -207,12 +208,13 @@ class Engine:
         for node in list(self.nodes.values()):
             if node.backend.capabilities.can_write and not node.read_only:
                 try:
-                    await node.backend.flush()
+                    await wait_at_stop(node.backend.flush(),
+                                       f"the final flush of node {node.name!r}")
                 except OSError as err:
                     log.error("flush of node %s failed: %s", node.name, err)
         for node in self.nodes.values():
             if node.child is None:  # a node over another closes nothing of its own
-                await node.backend.close()
+                await wait_at_stop(node.backend.close(), f"node {node.name!r} to close")
         self.nodes.clear()
 
     # -- helpers --------------------------------------------------------------

@@ -7,7 +7,10 @@ Rules of this module:
 - Without ``persistent`` the server stops after its last client that finished
   negotiation leaves (qemu-nbd's rule).
 - Shutdown stops accepting, lets in-flight requests finish and reply, closes
-  connections, flushes every backend once, then closes the backends.
+  connections, flushes every backend once, then closes the backends.  The
+  final flush and close are never cut short (they are what makes completed
+  writes durable), but storage that keeps them waiting is reported on stderr
+  (``wait_at_stop``): the signal handlers exit at once on a second signal.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..proto.handshake import TlsMode
 from .connection import Connection
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from .export import Export, ExportTable
     from .tls import TlsCredentials
 
@@ -29,6 +34,30 @@ log = logging.getLogger("pynbd.server")
 
 #: how long a connection may take to finish its requests once shutdown begins
 SHUTDOWN_GRACE = 30.0
+#: a final flush or close still running after this long is reported, and again
+#: every STOP_WAIT_REPEAT seconds (a Ceph cluster gone away never answers)
+STOP_WAIT_REPORT = 2.0
+STOP_WAIT_REPEAT = 30.0
+
+T = TypeVar("T")
+
+
+async def wait_at_stop(step: Awaitable[T], what: str) -> T:
+    """Await one step of an orderly stop (``what``: "the final flush of ...")
+    to the end, warning while the storage keeps it waiting."""
+    task = asyncio.ensure_future(step)
+    waited, timeout = 0.0, STOP_WAIT_REPORT
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if done:
+                return task.result()
+            waited += timeout
+            log.warning("stopping: still waiting for %s after %.0f s (storage not "
+                        "answering?); a signal now exits without waiting", what, waited)
+            timeout = STOP_WAIT_REPEAT
+    finally:
+        task.cancel()  # only if we are cancelled ourselves: it is done otherwise
 
 
 class Server:
@@ -100,10 +129,10 @@ class Server:
         for backend in self.exports.backends():
             try:
                 if backend.capabilities.can_flush and backend.capabilities.can_write:
-                    await backend.flush()
+                    await wait_at_stop(backend.flush(), "the final flush")
             except OSError as err:
                 log.error("final flush failed: %s", err)
-            await backend.close()
+            await wait_at_stop(backend.close(), "the storage to close")
 
     def request_stop(self) -> None:
         self._stop.set()
