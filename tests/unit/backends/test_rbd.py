@@ -8,8 +8,10 @@ client, so they also prove that the backend keeps no private cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +89,42 @@ def test_aio_in_flight_is_counted_for_the_loop(ceph: CephCluster) -> None:
         assert run(scenario()) == [2, 0]
     finally:
         run(backend.close())
+
+
+def _eventfds() -> int:
+    """How many eventfds this process has open."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd is gone already
+            count += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]"
+    return count
+
+
+def test_completions_reach_each_loop_and_close_releases_the_wakeups(ceph: CephCluster) -> None:
+    """librbd's completions wake the loop through an eventfd per event loop: a backend
+    used from one loop and then another hands each its completions, and closing the
+    backend (after the image, so no late completion can write to a reused number)
+    closes them all."""
+    before = _eventfds()
+    backend = _backend(ceph)
+
+    async def write_then_read(seed: int) -> bytes | bytearray:
+        await backend.pwrite(pattern(seed, 4096), 0)
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[bytes | bytearray | None] = loop.create_future()
+        assert backend.start_read(0, 4096, lambda data, _: got.set_result(data))
+        data = await got
+        assert data is not None
+        return data
+
+    try:
+        assert run(write_then_read(1)) == pattern(1, 4096)
+        assert _eventfds() == before + 1
+        assert run(write_then_read(2)) == pattern(2, 4096)  # another loop
+        assert _eventfds() == before + 2
+    finally:
+        run(backend.close())
+    assert _eventfds() == before
 
 
 @pytest.mark.parametrize("fast_diff", [False, True], ids=["layering", "fast-diff"])
