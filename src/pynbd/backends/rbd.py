@@ -13,7 +13,8 @@ Rules of this module:
   itself; with a client cache on, the backend does not offer multi-conn.
 - I/O is asynchronous without a thread per request: librbd's ``aio_*`` calls
   complete on librbd's own threads, which hand the result to the event loop
-  with ``call_soon_threadsafe``.  Only calls that librbd offers solely as
+  through an eventfd the loop watches (``_Handoff``: the cheaper equivalent of
+  ``call_soon_threadsafe``, measured).  Only calls that librbd offers solely as
   blocking ones (``diff_iterate`` for block status, open and close) run in a
   small thread pool.
 - NBD maps onto RBD as: WRITE_ZEROES to ``write_zeroes`` (thin unless the
