@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import sys
 import urllib.parse
@@ -28,6 +27,7 @@ from .qmp.protocol import QMPError
 from .qmp.schema import parse_keyval
 from .server import Export, ExportTable, Server
 from .server.polling import DEFAULT_POLL_MAX_NS, MAX_POLL_NS, event_loop_factory
+from .server.runtime import handle_stop_signals
 from .server.tls import TlsCredentials, TlsError
 
 if TYPE_CHECKING:
@@ -399,20 +399,8 @@ async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
     server = Server(exports, max_connections=config.shared, persistent=config.persistent,
                     handshake_limit=config.handshake_limit, tls=config.tls,
                     tls_mode=config.tls_mode)
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if not server.stopping:
-            server.request_stop()  # the first signal: drain, flush, exit 0
-            return
-        # a second one: storage that never answers (an rbd cluster gone away)
-        # must not keep the process forever
-        logging.getLogger("pynbd").error("second signal: exiting without waiting for the "
-                                         "storage (final flush and close)")
-        os._exit(1)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    # the first signal: drain, flush, exit 0
+    handle_stop_signals(lambda: server.stopping, server.request_stop)
     await server.start([sock])
     await server.serve_until_stopped()
 

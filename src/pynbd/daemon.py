@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -25,6 +24,7 @@ from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, OBJECT_ADD, Engine
 from .qmp.protocol import QMPError
 from .qmp.server import QMPServer
 from .server.polling import DEFAULT_POLL_MAX_NS, event_loop_factory
+from .server.runtime import handle_stop_signals
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -118,19 +118,8 @@ async def _run(ns: argparse.Namespace) -> None:
     qmp: QMPServer | None = None
     # before any socket exists: a signal sent as soon as one appears must stop
     # the daemon in order, not kill it
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if not engine.quit_requested.is_set():
-            engine.quit_requested.set()  # the first signal: stop in order, flush
-            return
-        # a second one: storage that never answers the final flush must not keep us
-        logging.getLogger("pynbd").error("second signal: exiting without waiting for the "
-                                         "storage (final flush and close)")
-        os._exit(1)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    # the first signal stops in order, as ``quit`` does
+    handle_stop_signals(engine.quit_requested.is_set, engine.quit_requested.set)
     try:
         await _setup(engine, ns)
         if ns.qmp:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
 from typing import TYPE_CHECKING, TypeVar
 
@@ -25,7 +27,7 @@ from ..proto.handshake import TlsMode
 from .connection import Connection
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Callable
 
     from .export import Export, ExportTable
     from .tls import TlsCredentials
@@ -58,6 +60,25 @@ async def wait_at_stop(step: Awaitable[T], what: str) -> T:
             timeout = STOP_WAIT_REPEAT
     finally:
         task.cancel()  # only if we are cancelled ourselves: it is done otherwise
+
+
+def handle_stop_signals(stopping: Callable[[], bool], request_stop: Callable[[], None]) -> None:
+    """SIGINT and SIGTERM on the running loop: the first one starts an orderly stop
+    (``request_stop``); one that comes once ``stopping()`` is true exits at once
+    with status 1, so storage that never answers (an rbd cluster gone away) cannot
+    keep the process forever (``wait_at_stop`` tells the user so)."""
+
+    def on_signal() -> None:
+        if not stopping():
+            request_stop()
+            return
+        logging.getLogger("pynbd").error("second signal: exiting without waiting for the "
+                                         "storage (final flush and close)")
+        os._exit(1)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
 
 
 class Server:
