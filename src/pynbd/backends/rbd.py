@@ -494,7 +494,6 @@ class _Handoff:
         self._items: list[tuple[_Completion, int, tuple[Any, ...]]] = []
         self._scheduled = False
         self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._watched = True
         loop.add_reader(self._fd, self._drain)
 
     def put(self, callback: _Completion, result: int, data: tuple[Any, ...]) -> None:
@@ -520,11 +519,9 @@ class _Handoff:
             callback(result, data)
 
     def detach(self) -> None:
-        """Stop watching the eventfd (on the loop's thread; a closed loop is fine)."""
-        if self._watched:
-            self._watched = False
-            with contextlib.suppress(Exception):  # a closed loop watches nothing
-                self.loop.remove_reader(self._fd)
+        """Stop watching the eventfd (on the loop's thread; again, or on a closed
+        loop, it does nothing)."""
+        self.loop.remove_reader(self._fd)
 
     def close(self) -> None:
         self.detach()
