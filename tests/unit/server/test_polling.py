@@ -70,16 +70,19 @@ def test_idle_waits_close_the_window() -> None:
 
 
 def test_an_event_during_the_poll_window_is_returned() -> None:
-    selector = PollingSelector(1_000_000)
+    # the window is far longer than the GIL's 5 ms switch interval: the sending
+    # thread needs the GIL, which the polling thread only lends it now and then
+    window = 200_000_000
+    selector = PollingSelector(window)
     a, b = _pair(selector)
     try:
-        selector.poll_ns = 1_000_000  # 1 ms of polling
+        selector.poll_ns = window
         sender = threading.Timer(0.0002, b.send, args=(b"x",))
         sender.start()
         ready = selector.select(1.0)
         sender.join()
         assert [key.fileobj for key, _ in ready] == [a]
-        assert selector.poll_ns == 1_000_000  # a successful poll keeps the window
+        assert selector.poll_ns == window  # a successful poll keeps the window
     finally:
         selector.close()
         a.close()
