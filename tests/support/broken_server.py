@@ -71,20 +71,28 @@ class PrivateCache(Backend):
         return touched
 
     async def _write_back(self, sectors: list[int]) -> None:
+        # a sector leaves the cache only once the store has it (and unless it was
+        # written again meanwhile): while the store's write is in flight, a read
+        # on this connection must still see the connection's own write
         for sector in sorted(sectors):
-            content = self.dirty.pop(sector, None)
+            content = self.dirty.get(sector)
             if content is not None:
                 await self.store.pwrite(content, sector * SECTOR)
+                if self.dirty.get(sector) is content:
+                    del self.dirty[sector]
 
     async def pread(self, buf: memoryview, offset: int) -> None:
-        await self.store.pread(buf, offset)
         end = offset + len(buf)
-        for sector in range(offset // SECTOR, (end + SECTOR - 1) // SECTOR):
-            cached = self.dirty.get(sector)
-            if cached is not None:
+        # this connection's writes as the read begins: a write-back that lands
+        # while the store is read below must not hide them
+        cached = {sector: self.dirty.get(sector)
+                  for sector in range(offset // SECTOR, (end + SECTOR - 1) // SECTOR)}
+        await self.store.pread(buf, offset)
+        for sector, content in cached.items():
+            if content is not None:
                 start = sector * SECTOR
                 lo, hi = max(offset, start), min(end, start + SECTOR)
-                buf[lo - offset:hi - offset] = cached[lo - start:hi - start]
+                buf[lo - offset:hi - offset] = content[lo - start:hi - start]
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
