@@ -6,7 +6,8 @@ backend imitates that (its completions come from another thread, through the
 loop's ``call_soon_threadsafe``), and pynbd's own client checks, over several
 connections with many requests in flight: data, error replies (the connection
 stays up), the FUA fallback to the task path, and that every request is
-accounted for (the connection drains and closes cleanly).
+accounted for (the connection drains and closes cleanly).  Replies of
+requests that complete together leave together.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.support.inprocess import serving
 from pynbd.backends import MemoryBackend
 from pynbd.backends.memory import INLINE_MAX
 from pynbd.client import NBDClient, RequestError
+from pynbd.server.connection import DIRECT_BATCH_BYTES, Connection
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -221,3 +223,64 @@ def test_server_stop_waits_for_direct_requests(tmp_path: Path) -> None:
                     assert buf == bytes([i]) * 4096
 
     asyncio.run(asyncio.wait_for(body(), TIMEOUT))
+
+
+class BatchedBackend(ThreadedBackend):
+    """Completes reads ``batch`` at a time, all from one loop callback, as librbd's
+    completions reach the loop in batches."""
+
+    def __init__(self, size: int, batch: int) -> None:
+        super().__init__(size)
+        self.batch = batch
+        self.held: list[tuple[int, int, ReadDone]] = []
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        self.started["read"] += 1
+        self.held.append((offset, length, done))
+        if len(self.held) == self.batch:
+            held, self.held = self.held, []
+            asyncio.get_running_loop().call_soon(self._complete, held)
+        return True
+
+    def _complete(self, held: list[tuple[int, int, ReadDone]]) -> None:
+        for offset, length, done in held:
+            buf = bytearray(length)
+            self._read_now(memoryview(buf), offset)
+            done(buf, None)
+
+
+@pytest.mark.parametrize(("batch", "length", "writes"), [
+    (8, 4096, 1),        # completed together: one write for all 8 replies
+    (8, 64 * 1024, 2),   # ... up to DIRECT_BATCH_BYTES a write
+    (1, 4096, 8),        # one at a time: each reply at once
+])
+def test_replies_completed_together_leave_together(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   batch: int, length: int,
+                                                   writes: int) -> None:
+    backend = BatchedBackend(SIZE, batch)
+    sent: list[int] = []  # bytes of each write of replies
+    real_send = Connection._send
+
+    def send(self: Connection, buffers: list[bytes | bytearray | memoryview]) -> None:
+        sent.append(sum(len(buf) for buf in buffers))
+        real_send(self, buffers)
+
+    monkeypatch.setattr(Connection, "_send", send)
+
+    async def body() -> None:
+        async with serving(tmp_path, backend) as (_, path), \
+                await NBDClient.connect(uri(path)) as client:
+            backend._write_now(b"d" * (8 * length), 0)
+            sent.clear()
+            if batch == 1:
+                got = [await client.pread(i * length, length) for i in range(8)]
+            else:
+                got = list(await asyncio.gather(
+                    *(client.pread(i * length, length) for i in range(8))))
+            assert got == [b"d" * length] * 8
+
+    asyncio.run(asyncio.wait_for(body(), TIMEOUT))
+    assert len(sent) == writes, sent
+    assert sum(sent) >= 8 * length
+    assert max(sent) < DIRECT_BATCH_BYTES + length + 64
