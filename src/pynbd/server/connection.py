@@ -540,17 +540,21 @@ class Connection(asyncio.BufferedProtocol):
     def _direct_done(self, token: object, reply: list[Buffer]) -> None:
         """Send a direct request's reply.
 
-        librbd hands its completions over in batches: while other requests of
-        this connection are in flight, a reply waits for the end of the
-        current loop iteration (``call_soon``) so that the replies completed
-        together leave in one ``writev`` (4k writes at depth 32: one system
-        call, and one wake-up of the client, per 5 replies instead of per
-        reply).  A lone request's reply, or a batch that has grown large,
-        goes at once.
+        librbd hands its completions over in batches (about 5 per wake-up at
+        depth 32): while other requests of this connection are in flight, a
+        reply waits for the end of the current loop iteration (``call_soon``)
+        so that the replies completed together leave in one ``writev`` (4k
+        reads at depth 32 on RBD: 17.6k -> 19.5k IOPS).  A lone request's
+        reply, or a batch that has grown large, goes at once.
         """
+        tokens = self._direct_tokens
+        if not tokens and len(self._tasks) == 1:  # alone (depth 1): nothing to gather
+            self._send_if_open(reply)
+            self._task_done(token)
+            return
         self._direct_out += reply
-        self._direct_tokens.append(token)
-        if len(self._direct_tokens) >= len(self._tasks):  # no other one could join
+        tokens.append(token)
+        if len(tokens) >= len(self._tasks):  # no other one could join
             self._flush_direct()
             return
         first = self._direct_bytes == 0
@@ -566,11 +570,15 @@ class Connection(asyncio.BufferedProtocol):
         if not tokens:
             return  # flushed already (the batch grew large, or the last one came)
         self._direct_out, self._direct_tokens, self._direct_bytes = [], [], 0
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            self._send(out)
+        self._send_if_open(out)
         for token in tokens:
             self._task_done(token)
+
+    def _send_if_open(self, buffers: list[Buffer]) -> None:
+        """``_send``, unless the connection is gone or closing (a late reply)."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            self._send(buffers)
 
     def _error_reply(self, core: ServerTransmission, request: Request,
                      error: OSError | None) -> list[Buffer]:
@@ -615,9 +623,7 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as err:  # a backend bug must not kill the connection
             log.exception("%s: request %s failed", self.peer, Cmd(request.cmd).name)
             reply = core.reply_error(request.cookie, Errno.EIO, str(err))
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            self._send(reply)
+        self._send_if_open(reply)
 
     def _send(self, buffers: list[Buffer]) -> None:
         """Write whole replies, in order.
