@@ -8,6 +8,7 @@ client speaks the wire protocol, so the exact order of replies is visible.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -21,10 +22,13 @@ from pynbd.proto.constants import (
     Cmd,
     Errno,
 )
+from pynbd.server import runtime
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
+
+    import pytest
 
 TIMEOUT = 10.0
 
@@ -127,6 +131,56 @@ def test_shutdown_finishes_in_flight_and_refuses_new_requests(tmp_path: Path) ->
             await client.close()
 
     run(body)
+
+
+def test_shutdown_reports_requests_storage_keeps_and_gives_up_after_the_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Storage that never answers (a Ceph cluster gone away) does not make the
+    stop silent: while requests are in flight it is reported, and after
+    SHUTDOWN_GRACE the server stops waiting for them."""
+    monkeypatch.setattr(runtime, "STOP_WAIT_REPORT", 0.05)
+    monkeypatch.setattr(runtime, "SHUTDOWN_GRACE", 0.4)
+
+    async def body() -> None:
+        backend = HeldBackend(1 << 20)
+        backend.slow.update({0, 4096})
+        async with serving(tmp_path, backend) as (server, path):
+            client = await RawClient.connect(path)
+            client.send(Cmd.READ, 1, 0, 512)
+            client.send(Cmd.WRITE, 2, 4096, 512, b"\x01" * 512)
+            await backend.started.wait()
+            await asyncio.sleep(0.05)
+            assert [conn.in_flight for conn in server.connections] == [2]
+            started = asyncio.get_running_loop().time()
+            await server.close()
+            assert asyncio.get_running_loop().time() - started >= 0.4
+            backend.gate.set()
+            await client.close()
+
+    with caplog.at_level(logging.WARNING, logger="pynbd.server"):
+        run(body)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("stopping: still waiting for 2 requests in flight to finish "
+                            "(at most 0 s) after 0 s (storage not answering?)")
+               for m in messages), messages
+    assert ("stopping: gave up after 0 s on requests still in flight; their clients get "
+            "no reply") in messages
+
+
+def test_a_quick_shutdown_says_nothing(tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        async with serving(tmp_path, MemoryBackend(1 << 20)) as (server, path):
+            client = await RawClient.connect(path)
+            client.send(Cmd.READ, 1, 0, 512)
+            assert await client.reply(512) == (1, 0, bytes(512))
+            await server.close()
+            await client.close()
+
+    with caplog.at_level(logging.WARNING, logger="pynbd.server"):
+        run(body)
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def test_slow_storage_does_not_stall_other_connections(tmp_path: Path) -> None:

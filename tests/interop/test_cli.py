@@ -489,6 +489,31 @@ def test_signal_with_idle_client(pynbd_server: Callable[..., Any], tmp_path: Pat
     assert not Path(srv.socket).exists()
 
 
+def test_stop_reports_a_request_the_storage_keeps(pynbd_server: Callable[..., Any],
+                                                  tmp_path: Path) -> None:
+    """SIGTERM while a client's read waits on storage that does not answer: the
+    server says on stderr what it waits for (not 30 s of silence), and a second
+    signal exits at once."""
+    path = tmp_path / "slow.img"
+    path.write_bytes(bytes(MiB))
+    srv = pynbd_server("--fault", "cmd=read,delay=600", str(path))
+    h = connect(srv.uri)
+    try:
+        h.aio_pread(nbd.Buffer(512), 0)
+        time.sleep(0.2)  # the read has reached the server
+        srv.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            srv.proc.wait(STOP_WAIT_REPORT + 1.0)
+        assert srv.stop(signal.SIGTERM, timeout=10.0) == 1
+    finally:
+        if not h.aio_is_dead():
+            h.shutdown()
+    stderr = srv.proc.stderr.read()
+    assert ("stopping: still waiting for 1 request in flight to finish (at most 30 s) "
+            "after 2 s (storage not answering?); a signal now exits without waiting") in stderr
+    assert "second signal" in stderr
+
+
 def test_second_signal_exits_when_the_final_flush_hangs(pynbd_server: Callable[..., Any],
                                                         tmp_path: Path) -> None:
     """Storage that never answers a flush (a Ceph cluster gone away) must not keep the

@@ -243,6 +243,11 @@ class Connection(asyncio.BufferedProtocol):
                 self._abort()
 
     @property
+    def in_flight(self) -> int:
+        """Requests started and not yet answered."""
+        return len(self._tasks)
+
+    @property
     def _paused(self) -> bool:
         return self._paused_for_tasks or self._paused_for_writes
 

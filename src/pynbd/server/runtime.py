@@ -6,11 +6,12 @@ Rules of this module:
   export-selecting option refused with NBD_REP_ERR_POLICY and a message.
 - Without ``persistent`` the server stops after its last client that finished
   negotiation leaves (qemu-nbd's rule).
-- Shutdown stops accepting, lets in-flight requests finish and reply, closes
-  connections, flushes every backend once, then closes the backends.  The
-  final flush and close are never cut short (they are what makes completed
-  writes durable), but storage that keeps them waiting is reported on stderr
-  (``wait_at_stop``): the signal handlers exit at once on a second signal.
+- Shutdown stops accepting, lets in-flight requests finish and reply (for up
+  to ``SHUTDOWN_GRACE``), closes connections, flushes every backend once, then
+  closes the backends.  The final flush and close are never cut short (they
+  are what makes completed writes durable).  Storage that keeps any of these
+  waiting is reported on stderr (``wait_at_stop``): the signal handlers exit at
+  once on a second signal.
 """
 
 from __future__ import annotations
@@ -195,11 +196,18 @@ class Server:
     # -- shutdown ----------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop listening and end every connection (in-flight requests finish first)."""
+        """Stop listening and end every connection (in-flight requests finish first,
+        for up to SHUTDOWN_GRACE seconds; storage that keeps them waiting is reported)."""
         self._stop.set()
         for server in self._servers:
             server.close()
-        await self._end_connections(set(self._all))
+        conns = set(self._all)
+        requests = sum(conn.in_flight for conn in conns)
+        what = (f"{_plural(requests, 'request')} in flight to finish (at most "
+                f"{SHUTDOWN_GRACE:.0f} s)")
+        if not await wait_at_stop(self._end_connections(conns), what):
+            log.warning("stopping: gave up after %.0f s on requests still in flight; "
+                        "their clients get no reply", SHUTDOWN_GRACE)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
@@ -209,10 +217,16 @@ class Server:
         """End every connection using ``export`` (QMP ``block-export-del`` hard mode)."""
         await self._end_connections({c for c in self._all if c.export is export})
 
-    async def _end_connections(self, conns: set[Connection]) -> None:
+    async def _end_connections(self, conns: set[Connection]) -> bool:
+        """Shut ``conns`` down; False if some were still busy after SHUTDOWN_GRACE."""
         for conn in conns:
             conn.shutdown()
         if conns:
-            await asyncio.wait([conn.closed for conn in conns], timeout=SHUTDOWN_GRACE)
+            _, busy = await asyncio.wait([conn.closed for conn in conns],
+                                         timeout=SHUTDOWN_GRACE)
+            return not busy
+        return True
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
