@@ -162,9 +162,9 @@ def test_shutdown_reports_requests_storage_keeps_and_gives_up_after_the_grace(
         run(body)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("stopping: still waiting for 2 requests in flight to finish "
-                            "(at most 0 s) after 0 s (storage not answering?)")
+                            "(at most 0.4 s) after 0 s (storage not answering?)")
                for m in messages), messages
-    assert ("stopping: gave up after 0 s on requests still in flight; their clients get "
+    assert ("stopping: gave up after 0.4 s on requests still in flight; their clients get "
             "no reply") in messages
 
 

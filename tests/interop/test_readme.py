@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,18 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def kill_gateway(pid_file: Path) -> None:
+    """SIGKILL the pynbd a pid file names, if it still runs (a killed gateway
+    leaves its pid file behind, and the pid may since name another process)."""
+    try:
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"pynbd" in cmdline:
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_scaling_out_example(tmp_path: Path) -> None:
     """Scaling out: a cluster, an image, two gateways, the checker across them,
     a write through A, A killed, the data read back through B."""
@@ -64,10 +77,7 @@ def test_scaling_out_example(tmp_path: Path) -> None:
                                 env=env, capture_output=True, text=True, timeout=TIMEOUT)
     finally:
         for gateway in ("a", "b"):  # whatever the block left running
-            pid_file = tmp_path / f"gw-{gateway}.pid"
-            if pid_file.exists():
-                subprocess.run(["kill", "-9", pid_file.read_text().strip()],
-                               capture_output=True, check=False)
+            kill_gateway(tmp_path / f"gw-{gateway}.pid")
         if (tmp_path / "ceph").exists():
             subprocess.run([str(ROOT / "scripts/ceph-cluster"), "stop", str(tmp_path / "ceph")],
                            capture_output=True, check=False, timeout=60)

@@ -204,9 +204,9 @@ class Server:
         conns = set(self._all)
         requests = sum(conn.in_flight for conn in conns)
         what = (f"{_plural(requests, 'request')} in flight to finish (at most "
-                f"{SHUTDOWN_GRACE:.0f} s)")
+                f"{SHUTDOWN_GRACE:g} s)")
         if not await wait_at_stop(self._end_connections(conns), what):
-            log.warning("stopping: gave up after %.0f s on requests still in flight; "
+            log.warning("stopping: gave up after %g s on requests still in flight; "
                         "their clients get no reply", SHUTDOWN_GRACE)
         for server in self._servers:
             with contextlib.suppress(Exception):
