@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -44,6 +45,108 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def moved(block: str, moves: dict[str, str]) -> str:
+    """``block`` with each fixed path or port replaced; none may be left."""
+    for fixed, where in moves.items():
+        block = block.replace(fixed, where)
+    for fixed in moves:
+        assert fixed not in block, block
+    return block
+
+
+def installed_env() -> dict[str, str]:
+    """`pynbd` as installed: the virtualenv's console script first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def shell(script: str, timeout: float = TIMEOUT) -> str:
+    """Run ``script`` with bash (stop at the first failing command); its output."""
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=False,
+                            cwd=ROOT, env=installed_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{script}\n---\n{output}"
+    assert "Pattern verification failed" not in output, output
+    return output
+
+
+class ForegroundServer:
+    """A README line that serves in the foreground (``pynbd ... --print-uri``, typed
+    in one shell while the next lines go to another): started in the background,
+    ready once it has printed its URI; stopped with Ctrl-C's SIGINT."""
+
+    def __init__(self, line: str) -> None:
+        self.proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=ROOT,
+                                     env=installed_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30.0)
+        self.uri = self.proc.stdout.readline().strip() if ready else ""
+        if not self.uri:
+            self.proc.kill()
+            _, stderr = self.proc.communicate()
+            pytest.fail(f"{line}: printed no URI; stderr: {stderr}")
+
+    def stop(self) -> tuple[int, str]:
+        """Ctrl-C; the exit status and everything it wrote to stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = self.proc.communicate(timeout=30.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, stderr = self.proc.communicate()
+        return self.proc.returncode, stderr
+
+
+def test_quick_start(tmp_path: Path) -> None:
+    """Quick start: serve a RAM disk, then nbdinfo, qemu-io and nbdcopy from
+    another shell.  The install step (`bash scripts/install &&`, which writes to
+    /opt and /usr/local/bin) is left out: the virtualenv's `pynbd` stands in."""
+    for tool in ("nbdinfo", "qemu-io", "nbdcopy"):
+        require_tool(tool)
+    moves = {"/tmp/pynbd.sock": str(tmp_path / "pynbd.sock"),
+             "/tmp/copy.img": str(tmp_path / "copy.img")}
+    serve = moved(readme_block("Install and serve a 1 GiB RAM disk"), moves).strip()
+    install = "bash scripts/install && "
+    assert serve.startswith(install), serve
+    server = ForegroundServer(serve.removeprefix(install))
+    try:
+        # the URI the README says it prints
+        assert server.uri == f"nbd+unix:///?socket={tmp_path / 'pynbd.sock'}"
+        output = shell(moved(readme_block("From another\nshell:"), moves))
+    finally:
+        status, stderr = server.stop()
+    assert (status, stderr) == (0, ""), stderr  # as qemu-nbd: nothing printed on success
+    assert "export-size: 1073741824" in output, output
+    assert "read 1048576/1048576 bytes" in output, output
+    copy = (tmp_path / "copy.img").read_bytes()
+    assert len(copy) == 1 << 30
+    assert copy[:1 << 20] == b"\xab" * (1 << 20)
+    assert copy[1 << 20:].count(0) == (1 << 30) - (1 << 20)
+
+
+def test_tls_example(tmp_path: Path) -> None:
+    """TLS: make credentials, serve with them, nbdinfo and qemu-img over TLS."""
+    for tool in ("nbdinfo", "qemu-img", "openssl"):
+        require_tool(tool)
+    moves = {"/etc/pynbd/tls": str(tmp_path / "tls"), "/tmp/s.sock": str(tmp_path / "s.sock")}
+    lines = moved(readme_block("pynbd speaks `NBD_OPT_STARTTLS`"), moves)
+    setup, serve, clients = lines.split("\n", 2)
+    assert serve.startswith("pynbd "), serve
+    assert "--print-uri" in serve, serve
+    shell(setup)
+    server = ForegroundServer(serve)
+    try:
+        assert server.uri.startswith("nbds+unix://"), server.uri
+        output = shell(clients)
+    finally:
+        status, stderr = server.stop()
+    assert (status, stderr) == (0, ""), stderr
+    assert "export-size: 1073741824" in output, output
+    assert "protocol: newstyle-fixed with TLS" in output, output
+    assert "virtual size: 1 GiB" in output, output
+
+
 def kill_gateway(pid_file: Path) -> None:
     """SIGKILL the pynbd a pid file names, if it still runs (a killed gateway
     leaves its pid file behind, and the pid may since name another process)."""
@@ -64,26 +167,17 @@ def test_scaling_out_example(tmp_path: Path) -> None:
         require_tool(tool)
     block = readme_block("A worked example on one machine")
     port_a, port_b = free_ports(2)
-    script = (block.replace("/tmp/ceph", str(tmp_path / "ceph"))
-              .replace("/tmp/gw-", str(tmp_path / "gw-"))
-              .replace("10809", str(port_a)).replace("10810", str(port_b)))
-    for fixed in ("/tmp/ceph", "/tmp/gw-", "10809", "10810"):  # every one was moved
-        assert fixed not in script, script
-    # `pynbd` as installed: the virtualenv's console script first on PATH
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = moved(block, {"/tmp/ceph": str(tmp_path / "ceph"),
+                           "/tmp/gw-": str(tmp_path / "gw-"),
+                           "10809": str(port_a), "10810": str(port_b)})
     try:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=False,
-                                cwd=ROOT,
-                                env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        output = shell(script)
     finally:
         for gateway in ("a", "b"):  # whatever the block left running
             kill_gateway(tmp_path / f"gw-{gateway}.pid")
         if (tmp_path / "ceph").exists():
             subprocess.run([str(ROOT / "scripts/ceph-cluster"), "stop", str(tmp_path / "ceph")],
                            capture_output=True, check=False, timeout=60)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert "Pattern verification failed" not in output, output
     # the checker ran across both gateways and found nothing
     assert "pynbd check: PASS" in output, output
     assert "8 connections over 2 URI(s)" in output, output
