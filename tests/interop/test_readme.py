@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 180.0
 
 
-def readme_block(after: str) -> str:
-    """The first ```sh block of README.md that follows the line containing ``after``."""
+def readme_block(after: str, fence: str = "sh") -> str:
+    """The first ```sh (or ``fence``) block of README.md after the text ``after``."""
     text = (ROOT / "README.md").read_text()
     start = text.index(after)
-    match = re.compile(r"```sh\n(.*?)```", re.S).search(text, start)
-    assert match is not None, f"no sh block after {after!r}"
+    match = re.compile(rf"```{fence}\n(.*?)```", re.S).search(text, start)
+    assert match is not None, f"no {fence} block after {after!r}"
     return match.group(1)
 
 
@@ -71,25 +72,37 @@ def shell(script: str, timeout: float = TIMEOUT) -> str:
 
 
 class ForegroundServer:
-    """A README line that serves in the foreground (``pynbd ... --print-uri``, typed
-    in one shell while the next lines go to another): started in the background,
-    ready once it has printed its URI; stopped with Ctrl-C's SIGINT."""
+    """A README line that serves in the foreground (typed in one shell while the
+    next lines go to another): started in the background, ready once it has
+    printed its URI (``--print-uri``) or, given ``ready``, once that socket
+    exists; stopped with Ctrl-C's SIGINT."""
 
-    def __init__(self, line: str) -> None:
+    def __init__(self, line: str, ready: Path | None = None) -> None:
         self.proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=ROOT,
                                      env=installed_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30.0)
-        self.uri = self.proc.stdout.readline().strip() if ready else ""
-        if not self.uri:
+        self.uri = ""
+        if ready is None:
+            readable, _, _ = select.select([self.proc.stdout], [], [], 30.0)
+            self.uri = self.proc.stdout.readline().strip() if readable else ""
+            started = bool(self.uri)
+        else:
+            deadline = time.monotonic() + 30.0
+            while not ready.exists() and self.proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            started = ready.exists()
+        if not started:
             self.proc.kill()
             _, stderr = self.proc.communicate()
-            pytest.fail(f"{line}: printed no URI; stderr: {stderr}")
+            pytest.fail(f"{line}: did not start serving; stderr: {stderr}")
 
-    def stop(self) -> tuple[int, str]:
-        """Ctrl-C; the exit status and everything it wrote to stderr."""
-        self.proc.send_signal(signal.SIGINT)
+    def stop(self, *, signal_first: bool = True) -> tuple[int, str]:
+        """Ctrl-C (unless it is expected to end by itself); the exit status and
+        everything it wrote to stderr."""
+        if signal_first:
+            self.proc.send_signal(signal.SIGINT)
         try:
             _, stderr = self.proc.communicate(timeout=30.0)
         except subprocess.TimeoutExpired:
@@ -145,6 +158,47 @@ def test_tls_example(tmp_path: Path) -> None:
     assert "export-size: 1073741824" in output, output
     assert "protocol: newstyle-fixed with TLS" in output, output
     assert "virtual size: 1 GiB" in output, output
+
+
+def test_daemon_examples(tmp_path: Path) -> None:
+    """The daemon: started with its start-up options (an export a client reads),
+    then bare and driven by the README's qemu.qmp session, which ends it with
+    ``quit``."""
+    require_tool("nbdinfo")
+    moves = {"/run/pynbd-qmp.sock": str(tmp_path / "qmp.sock"),
+             "/run/pynbd.sock": str(tmp_path / "nbd.sock"),
+             "/var/lib/images/disk.img": str(tmp_path / "disk.img"),
+             "/tmp/disk.img": str(tmp_path / "disk.img"),
+             "/tmp/nbd.sock": str(tmp_path / "nbd2.sock")}
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    start = moved(readme_block("commands and go through the same engine"), moves)
+    daemon = ForegroundServer(start.replace("\\\n", " "), ready=tmp_path / "nbd.sock")
+    try:
+        output = shell(f"nbdinfo 'nbd+unix:///disk?socket={tmp_path / 'nbd.sock'}'")
+    finally:
+        status, stderr = daemon.stop()
+    assert (status, stderr) == (0, ""), stderr
+    assert "export-size: 1048576" in output, output
+    assert "is_read_only: false" in output, output
+
+    (tmp_path / "disk.img").unlink()
+    bare, session = (moved(readme_block(after, fence), moves) for after, fence in (
+        ("against a daemon started bare", "sh"), ("against a daemon started bare", "python")))
+    truncate, serve = bare.strip().split("\n")
+    shell(truncate)
+    daemon = ForegroundServer(serve, ready=tmp_path / "qmp.sock")
+    result: subprocess.CompletedProcess[str] | None = None
+    try:
+        result = subprocess.run([sys.executable, "-c", session], check=False, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        # the session ends with quit: the daemon exits by itself
+        status, stderr = daemon.stop(signal_first=result is None or result.returncode != 0)
+    assert result.returncode == 0, result.stdout + result.stderr
+    exports = result.stdout.splitlines()
+    assert exports[0].count("'type': 'nbd'") == 2, exports
+    assert exports[1:] == ["BLOCK_EXPORT_DELETED {'id': 'r'}"], exports
+    assert (status, stderr) == (0, ""), stderr
 
 
 def kill_gateway(pid_file: Path) -> None:
