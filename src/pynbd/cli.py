@@ -26,6 +26,7 @@ from .proto.handshake import TlsMode
 from .qmp.protocol import QMPError
 from .qmp.schema import parse_keyval
 from .server import Export, ExportTable, Server
+from .server.malloc import tune_malloc
 from .server.polling import DEFAULT_POLL_MAX_NS, MAX_POLL_NS, event_loop_factory
 from .server.runtime import handle_stop_signals
 from .server.tls import TlsCredentials, TlsError
@@ -463,6 +464,7 @@ def run(config: Config) -> int:
         logging.INFO if config.verbose else logging.WARNING,
         format="pynbd: %(message)s")
     raise_fd_limit()
+    tune_malloc()
     # librados's threads do not survive fork(): with --fork, the child opens rbd images
     defer_open = config.fork and config.image.startswith(RBD_PREFIX)
     backend = None if defer_open else open_backend(config)

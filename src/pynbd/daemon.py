@@ -23,6 +23,7 @@ from .qmp import schema as s
 from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, OBJECT_ADD, Engine
 from .qmp.protocol import QMPError
 from .qmp.server import QMPServer
+from .server.malloc import tune_malloc
 from .server.polling import DEFAULT_POLL_MAX_NS, event_loop_factory
 from .server.runtime import handle_stop_signals
 
@@ -158,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             if ns.verbose else logging.WARNING,
                             format="pynbd daemon: %(message)s")
         raise_fd_limit()
+        tune_malloc()
         with asyncio.Runner(loop_factory=event_loop_factory(ns.poll_max_ns)) as runner:
             runner.run(_run(ns))
     except DaemonUsageError as err:
