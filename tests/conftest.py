@@ -51,7 +51,13 @@ ServerFactory = Callable[..., RunningServer]
 
 def _start(args: list[str], *, socket_path: str | None) -> RunningServer:
     cmd = [sys.executable, "-m", "pynbd", "--print-uri", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return launch(cmd, socket_path=socket_path)
+
+
+def launch(cmd: list[str], *, socket_path: str | None, **popen: object) -> RunningServer:
+    """Start ``cmd`` (a server given ``--print-uri``) and wait for the URI it prints."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)  # type: ignore[call-overload]
     assert proc.stdout is not None
     import selectors
 

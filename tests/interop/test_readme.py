@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import RunningServer, launch
 from tests.support.ceph import require_ceph
 from tests.support.interop import require_tool
 
@@ -71,44 +71,32 @@ def shell(script: str, timeout: float = TIMEOUT) -> str:
     return output
 
 
-class ForegroundServer:
+def serve_line(line: str, ready: Path | None = None) -> RunningServer:
     """A README line that serves in the foreground (typed in one shell while the
-    next lines go to another): started in the background, ready once it has
+    next lines go to another), started in the background: ready once it has
     printed its URI (``--print-uri``) or, given ``ready``, once that socket
-    exists; stopped with Ctrl-C's SIGINT."""
+    exists."""
+    cmd = ["bash", "-c", f"exec {line}"]
+    if ready is None:
+        return launch(cmd, socket_path=None, cwd=ROOT, env=installed_env())
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=installed_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30.0
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not ready.exists():
+        proc.kill()
+        _, stderr = proc.communicate()
+        pytest.fail(f"{line}: did not start serving; stderr: {stderr}")
+    return RunningServer(proc, "", str(ready), cmd)
 
-    def __init__(self, line: str, ready: Path | None = None) -> None:
-        self.proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=ROOT,
-                                     env=installed_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.uri = ""
-        if ready is None:
-            readable, _, _ = select.select([self.proc.stdout], [], [], 30.0)
-            self.uri = self.proc.stdout.readline().strip() if readable else ""
-            started = bool(self.uri)
-        else:
-            deadline = time.monotonic() + 30.0
-            while not ready.exists() and self.proc.poll() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
-            started = ready.exists()
-        if not started:
-            self.proc.kill()
-            _, stderr = self.proc.communicate()
-            pytest.fail(f"{line}: did not start serving; stderr: {stderr}")
 
-    def stop(self, *, signal_first: bool = True) -> tuple[int, str]:
-        """Ctrl-C (unless it is expected to end by itself); the exit status and
-        everything it wrote to stderr."""
-        if signal_first:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            _, stderr = self.proc.communicate(timeout=30.0)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, stderr = self.proc.communicate()
-        return self.proc.returncode, stderr
+def ended(server: RunningServer, sig: int | None = signal.SIGINT) -> tuple[int, str]:
+    """Ctrl-C (or, with ``sig`` None, wait for it to end by itself); the exit
+    status and everything it wrote to stderr."""
+    status = server.stop(sig) if sig is not None else server.proc.wait(30.0)
+    assert server.proc.stderr is not None
+    return status, server.proc.stderr.read()
 
 
 def test_quick_start(tmp_path: Path) -> None:
@@ -122,13 +110,13 @@ def test_quick_start(tmp_path: Path) -> None:
     serve = moved(readme_block("Install and serve a 1 GiB RAM disk"), moves).strip()
     install = "bash scripts/install && "
     assert serve.startswith(install), serve
-    server = ForegroundServer(serve.removeprefix(install))
+    server = serve_line(serve.removeprefix(install))
     try:
         # the URI the README says it prints
         assert server.uri == f"nbd+unix:///?socket={tmp_path / 'pynbd.sock'}"
         output = shell(moved(readme_block("From another\nshell:"), moves))
     finally:
-        status, stderr = server.stop()
+        status, stderr = ended(server)
     assert (status, stderr) == (0, ""), stderr  # as qemu-nbd: nothing printed on success
     assert "export-size: 1073741824" in output, output
     assert "read 1048576/1048576 bytes" in output, output
@@ -148,12 +136,12 @@ def test_tls_example(tmp_path: Path) -> None:
     assert serve.startswith("pynbd "), serve
     assert "--print-uri" in serve, serve
     shell(setup)
-    server = ForegroundServer(serve)
+    server = serve_line(serve)
     try:
         assert server.uri.startswith("nbds+unix://"), server.uri
         output = shell(clients)
     finally:
-        status, stderr = server.stop()
+        status, stderr = ended(server)
     assert (status, stderr) == (0, ""), stderr
     assert "export-size: 1073741824" in output, output
     assert "protocol: newstyle-fixed with TLS" in output, output
@@ -172,11 +160,11 @@ def test_daemon_examples(tmp_path: Path) -> None:
              "/tmp/nbd.sock": str(tmp_path / "nbd2.sock")}
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
     start = moved(readme_block("commands and go through the same engine"), moves)
-    daemon = ForegroundServer(start.replace("\\\n", " "), ready=tmp_path / "nbd.sock")
+    daemon = serve_line(start.replace("\\\n", " "), ready=tmp_path / "nbd.sock")
     try:
         output = shell(f"nbdinfo 'nbd+unix:///disk?socket={tmp_path / 'nbd.sock'}'")
     finally:
-        status, stderr = daemon.stop()
+        status, stderr = ended(daemon)
     assert (status, stderr) == (0, ""), stderr
     assert "export-size: 1048576" in output, output
     assert "is_read_only: false" in output, output
@@ -186,14 +174,15 @@ def test_daemon_examples(tmp_path: Path) -> None:
         ("against a daemon started bare", "sh"), ("against a daemon started bare", "python")))
     truncate, serve = bare.strip().split("\n")
     shell(truncate)
-    daemon = ForegroundServer(serve, ready=tmp_path / "qmp.sock")
+    daemon = serve_line(serve, ready=tmp_path / "qmp.sock")
     result: subprocess.CompletedProcess[str] | None = None
     try:
         result = subprocess.run([sys.executable, "-c", session], check=False, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
     finally:
         # the session ends with quit: the daemon exits by itself
-        status, stderr = daemon.stop(signal_first=result is None or result.returncode != 0)
+        status, stderr = ended(daemon, None if result is not None and result.returncode == 0
+                               else signal.SIGINT)
     assert result.returncode == 0, result.stdout + result.stderr
     exports = result.stdout.splitlines()
     assert exports[0].count("'type': 'nbd'") == 2, exports

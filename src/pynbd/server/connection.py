@@ -562,12 +562,11 @@ class Connection(asyncio.BufferedProtocol):
         if len(tokens) >= len(self._tasks):  # no other one could join
             self._flush_direct()
             return
-        first = self._direct_bytes == 0
         for buf in reply:
             self._direct_bytes += len(buf)
         if self._direct_bytes >= DIRECT_BATCH_BYTES:
             self._flush_direct()
-        elif first:
+        elif len(tokens) == 1:  # the batch's first reply: flush at the iteration's end
             asyncio.get_running_loop().call_soon(self._flush_direct)
 
     def _flush_direct(self) -> None:
