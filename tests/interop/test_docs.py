@@ -1,8 +1,12 @@
-"""The README's worked examples, run as a user would type them.
+"""The documentation's worked examples, run as a user would type them.
 
-A block of the README is taken as it stands, only its fixed ports and paths
-moved to free ports and a temporary directory, and run with bash; the test
-fails when the block fails, so the README cannot drift from what works.
+A block of README.md or of a page in docs/ is taken as it stands, only its
+fixed ports and paths moved to free ports and a temporary directory, and run
+with bash; the test fails when the block fails, so the documentation cannot
+drift from what works.  Every block is found by the text just before it, in
+the same section of its page: a walkthrough that is moved, renamed away or
+deleted fails ``test_walkthrough_present`` (which needs no tools), not only
+the test that runs it.
 """
 
 from __future__ import annotations
@@ -26,13 +30,55 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 180.0
 
 
-def readme_block(after: str, fence: str = "sh") -> str:
-    """The first ```sh (or ``fence``) block of README.md after the text ``after``."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index(after)
-    match = re.compile(rf"```{fence}\n(.*?)```", re.S).search(text, start)
-    assert match is not None, f"no {fence} block after {after!r}"
-    return match.group(1)
+#: every walkthrough the tests run: the page it lives on, the text just before
+#: it (line breaks and runs of spaces in it match any whitespace) and its fence
+WALKTHROUGHS: dict[str, tuple[str, str, str]] = {
+    "quick start: serve": ("README.md", "Install and serve a 1 GiB RAM disk", "sh"),
+    "quick start: clients": ("README.md", "From another shell:", "sh"),
+    "tls": ("docs/tls.md", "pynbd speaks `NBD_OPT_STARTTLS`", "sh"),
+    "daemon: start-up options": ("docs/daemon.md", "commands and go through the same engine",
+                                 "sh"),
+    "daemon: started bare": ("docs/daemon.md", "against a daemon started bare", "sh"),
+    "daemon: qemu.qmp session": ("docs/daemon.md", "against a daemon started bare", "python"),
+    "scaling out": ("docs/ceph.md", "A worked example on one machine", "sh"),
+}
+
+
+def section_end(text: str, start: int) -> int:
+    """Where the section holding ``start`` ends: the next heading outside a
+    fenced block (a ``# comment`` inside a shell block is no heading)."""
+    in_fence = False
+    pos = text.rfind("\n", 0, start) + 1
+    for line in text[pos:].splitlines(keepends=True):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and line.startswith("#") and pos > start:
+            return pos
+        pos += len(line)
+    return len(text)
+
+
+def walkthrough(name: str) -> str:
+    """The walkthrough ``name`` of ``WALKTHROUGHS``: the first block with its
+    fence after its text, in the same section of its page."""
+    page, after, fence = WALKTHROUGHS[name]
+    path = ROOT / page
+    assert path.is_file(), f"{name}: {page} is missing"
+    text = path.read_text()
+    marker = re.compile(r"\s+".join(re.escape(word) for word in after.split()))
+    found = marker.search(text)
+    assert found is not None, f"{name}: {page} no longer says {after!r}"
+    end = section_end(text, found.end())
+    block = re.compile(rf"^```{fence}\n(.*?)^```$", re.S | re.M).search(text, found.end(), end)
+    assert block is not None, f"{name}: no ```{fence} block after {after!r} in that section"
+    assert block.group(1).strip(), f"{name}: the block after {after!r} in {page} is empty"
+    return block.group(1)
+
+
+@pytest.mark.parametrize("name", list(WALKTHROUGHS))
+def test_walkthrough_present(name: str) -> None:
+    """Each walkthrough the tests below run is where they look for it."""
+    walkthrough(name)
 
 
 def free_ports(count: int) -> list[int]:
@@ -72,7 +118,7 @@ def shell(script: str, timeout: float = TIMEOUT) -> str:
 
 
 def serve_line(line: str, ready: Path | None = None) -> RunningServer:
-    """A README line that serves in the foreground (typed in one shell while the
+    """A walkthrough's line that serves in the foreground (typed in one shell while the
     next lines go to another), started in the background: ready once it has
     printed its URI (``--print-uri``) or, given ``ready``, once that socket
     exists."""
@@ -100,21 +146,21 @@ def ended(server: RunningServer, sig: int | None = signal.SIGINT) -> tuple[int, 
 
 
 def test_quick_start(tmp_path: Path) -> None:
-    """Quick start: serve a RAM disk, then nbdinfo, qemu-io and nbdcopy from
+    """README, Quick start: serve a RAM disk, then nbdinfo, qemu-io and nbdcopy from
     another shell.  The install step (`bash scripts/install &&`, which writes to
     /opt and /usr/local/bin) is left out: the virtualenv's `pynbd` stands in."""
     for tool in ("nbdinfo", "qemu-io", "nbdcopy"):
         require_tool(tool)
     moves = {"/tmp/pynbd.sock": str(tmp_path / "pynbd.sock"),
              "/tmp/copy.img": str(tmp_path / "copy.img")}
-    serve = moved(readme_block("Install and serve a 1 GiB RAM disk"), moves).strip()
+    serve = moved(walkthrough("quick start: serve"), moves).strip()
     install = "bash scripts/install && "
     assert serve.startswith(install), serve
     server = serve_line(serve.removeprefix(install))
     try:
         # the URI the README says it prints
         assert server.uri == f"nbd+unix:///?socket={tmp_path / 'pynbd.sock'}"
-        output = shell(moved(readme_block("From another\nshell:"), moves))
+        output = shell(moved(walkthrough("quick start: clients"), moves))
     finally:
         status, stderr = ended(server)
     assert (status, stderr) == (0, ""), stderr  # as qemu-nbd: nothing printed on success
@@ -127,11 +173,11 @@ def test_quick_start(tmp_path: Path) -> None:
 
 
 def test_tls_example(tmp_path: Path) -> None:
-    """TLS: make credentials, serve with them, nbdinfo and qemu-img over TLS."""
+    """docs/tls.md: make credentials, serve with them, nbdinfo and qemu-img over TLS."""
     for tool in ("nbdinfo", "qemu-img", "openssl"):
         require_tool(tool)
     moves = {"/etc/pynbd/tls": str(tmp_path / "tls"), "/tmp/s.sock": str(tmp_path / "s.sock")}
-    lines = moved(readme_block("pynbd speaks `NBD_OPT_STARTTLS`"), moves)
+    lines = moved(walkthrough("tls"), moves)
     setup, serve, clients = lines.split("\n", 2)
     assert serve.startswith("pynbd "), serve
     assert "--print-uri" in serve, serve
@@ -149,8 +195,8 @@ def test_tls_example(tmp_path: Path) -> None:
 
 
 def test_daemon_examples(tmp_path: Path) -> None:
-    """The daemon: started with its start-up options (an export a client reads),
-    then bare and driven by the README's qemu.qmp session, which ends it with
+    """docs/daemon.md: started with its start-up options (an export a client reads),
+    then bare and driven by docs/daemon.md's qemu.qmp session, which ends it with
     ``quit``."""
     require_tool("nbdinfo")
     moves = {"/run/pynbd-qmp.sock": str(tmp_path / "qmp.sock"),
@@ -159,7 +205,7 @@ def test_daemon_examples(tmp_path: Path) -> None:
              "/tmp/disk.img": str(tmp_path / "disk.img"),
              "/tmp/nbd.sock": str(tmp_path / "nbd2.sock")}
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
-    start = moved(readme_block("commands and go through the same engine"), moves)
+    start = moved(walkthrough("daemon: start-up options"), moves)
     daemon = serve_line(start.replace("\\\n", " "), ready=tmp_path / "nbd.sock")
     try:
         output = shell(f"nbdinfo 'nbd+unix:///disk?socket={tmp_path / 'nbd.sock'}'")
@@ -170,8 +216,8 @@ def test_daemon_examples(tmp_path: Path) -> None:
     assert "is_read_only: false" in output, output
 
     (tmp_path / "disk.img").unlink()
-    bare, session = (moved(readme_block(after, fence), moves) for after, fence in (
-        ("against a daemon started bare", "sh"), ("against a daemon started bare", "python")))
+    bare, session = (moved(walkthrough(name), moves)
+                     for name in ("daemon: started bare", "daemon: qemu.qmp session"))
     truncate, serve = bare.strip().split("\n")
     shell(truncate)
     daemon = serve_line(serve, ready=tmp_path / "qmp.sock")
@@ -203,12 +249,12 @@ def kill_gateway(pid_file: Path) -> None:
 
 
 def test_scaling_out_example(tmp_path: Path) -> None:
-    """Scaling out: a cluster, an image, two gateways, the checker across them,
+    """docs/ceph.md, Scaling out: a cluster, an image, two gateways, the checker across them,
     a write through A, A killed, the data read back through B."""
     require_ceph()
     for tool in ("qemu-io", "rbd"):
         require_tool(tool)
-    block = readme_block("A worked example on one machine")
+    block = walkthrough("scaling out")
     port_a, port_b = free_ports(2)
     script = moved(block, {"/tmp/ceph": str(tmp_path / "ceph"),
                            "/tmp/gw-": str(tmp_path / "gw-"),
