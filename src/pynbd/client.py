@@ -38,7 +38,7 @@ from .proto.client import (
     OptionRefused,
     errno_name,
 )
-from .proto.constants import BASE_ALLOCATION, Cmd, Rep, TransmissionFlag
+from .proto.constants import BASE_ALLOCATION, MAX_STRING, Cmd, Rep, TransmissionFlag
 from .proto.errors import ProtocolError
 from .proto.events import NEED_DATA, StartTLS
 
@@ -164,9 +164,9 @@ def parse_uri(uri: str, *, tls_certificates: str | None = None) -> Target:
         raise ValueError(f"bad NBD URI {uri!r}: fragments (#...) are not allowed")
     path = urllib.parse.unquote(parts.path)
     export = path[1:] if path.startswith("/") else path
-    if "\0" in export or len(export.encode("utf-8")) > 4096:
-        raise ValueError(f"bad NBD URI {uri!r}: the export name must be at most 4096 bytes "
-                         "without NUL")
+    if "\0" in export or len(export.encode("utf-8")) > MAX_STRING:
+        raise ValueError(f"bad NBD URI {uri!r}: the export name must be at most "
+                         f"{MAX_STRING} bytes without NUL")
     params = _query(uri, parts.query, tls)
     sock = params.get("socket")
     host, port = _authority(uri, parts, unix, sock)

@@ -1,7 +1,8 @@
 """Client side of the NBD protocol, sans I/O: the handshake (option haggling).
 
-The transmission phase is ``ClientTransmission`` (in ``client_transmission``,
-re-exported here), so ``pynbd.proto.client`` is the one client import.
+The handshake's events are in ``client_events`` and the transmission phase is
+``ClientTransmission`` (in ``client_transmission``); both are re-exported
+here, so ``pynbd.proto.client`` is the one client import.
 
 Rules of this module:
 - It never imports asyncio, socket, ssl, os, time or logging.
@@ -16,13 +17,20 @@ Rules of this module:
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from typing import TYPE_CHECKING
 
 from . import wire
+from .client_events import (
+    ClientHandshakeEvent,
+    HandshakeComplete,
+    HandshakeFailed,
+    OptionRefused,
+    rep_name,
+)
 from .client_transmission import ClientTransmission, Completion, errno_name
 from .constants import (
+    EXPORT_NAME_ZEROES,
     IHAVEOPT,
     MAX_OPTION_DATA,
     MAX_STRING,
@@ -36,7 +44,7 @@ from .constants import (
     TransmissionFlag,
 )
 from .errors import LocalProtocolError, ProtocolError
-from .events import NEED_DATA, StartTLS, _Sentinel
+from .events import NEED_DATA, StartTLS
 from .negotiated import BlockSizes
 
 if TYPE_CHECKING:
@@ -56,67 +64,11 @@ __all__ = [
     "rep_name",
 ]
 
-
-
 #: second magic of an oldstyle server (we only speak fixed newstyle)
 _OLDSTYLE_MAGIC = 0x00420281861253
 #: the most option-reply data we buffer (replies are short: infos, names, messages)
 _MAX_OPTION_REPLY = MAX_OPTION_DATA
 _ERROR_BIT = 1 << 31
-
-
-def rep_name(rep: int) -> str:
-    """``NBD_REP_ERR_UNKNOWN`` for a known reply type, else its number."""
-    try:
-        return f"NBD_REP_{Rep(rep).name}"
-    except ValueError:
-        return f"reply type {rep:#x}"
-
-
-# -- events ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class OptionRefused:
-    """The server refused an option the client can do without; negotiation goes on."""
-
-    option: Opt
-    #: the ``NBD_REP_ERR_*`` value
-    rep: int
-    message: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class HandshakeFailed:
-    """The server refused what the client needs (the export, or TLS): close."""
-
-    option: Opt
-    rep: int
-    message: str
-
-    def __str__(self) -> str:
-        text = f"{self.option.name} refused: {rep_name(self.rep)}"
-        return f"{text}: {self.message}" if self.message else text
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class HandshakeComplete:
-    """The export is chosen; transmission starts with ``trailing`` already received."""
-
-    size: int
-    flags: TransmissionFlag
-    structured: bool
-    #: selected metadata contexts, name -> id
-    meta_contexts: dict[str, int]
-    #: ``None`` when the server sent no NBD_INFO_BLOCK_SIZE
-    block_sizes: BlockSizes | None
-    #: the canonical name and description, if the server sent them
-    name: str | None = None
-    description: str | None = None
-    trailing: bytes = b""
-
-
-ClientHandshakeEvent = HandshakeComplete | HandshakeFailed | OptionRefused | StartTLS | _Sentinel
 
 
 # -- handshake ---------------------------------------------------------------------------
@@ -381,7 +333,7 @@ class ClientHandshake:
         # unknown info types are ignored (spec 2.8)
 
     def _parse_export_name_reply(self) -> ClientHandshakeEvent | None:
-        need = wire.EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else 124)
+        need = wire.EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else EXPORT_NAME_ZEROES)
         if len(self._buf) < need:
             return NEED_DATA
         size, flags = wire.EXPORT_NAME_REPLY.unpack_from(self._buf)

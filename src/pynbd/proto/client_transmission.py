@@ -36,7 +36,7 @@ from .events import NEED_DATA, _Sentinel
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from .client import HandshakeComplete
+    from .client_events import HandshakeComplete
     from .wire import Buffer
 
 

@@ -27,6 +27,9 @@ EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 #: NBD strings (names, descriptions, messages) MUST be at most this long
 MAX_STRING = 4096
+#: zero bytes after the NBD_OPT_EXPORT_NAME reply, left out when both sides set
+#: NO_ZEROES (the spec gives the padding no name)
+EXPORT_NAME_ZEROES = 124
 #: the largest READ/WRITE payload we accept and advertise (qemu's NBD_MAX_BUFFER_SIZE)
 MAX_PAYLOAD = 32 * 1024 * 1024
 #: cap on the data of one option; longer options end the connection unread

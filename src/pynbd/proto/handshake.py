@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from . import wire
 from .constants import (
     BASE_ALLOCATION,
+    EXPORT_NAME_ZEROES,
     IHAVEOPT,
     MAX_META_QUERIES,
     MAX_OPTION_DATA,
@@ -300,7 +301,7 @@ class ServerHandshake:
         negotiated = self._negotiated(export)
         self._out.append(wire.EXPORT_NAME_REPLY.pack(export.size, negotiated.flags))
         if not self._no_zeroes:
-            self._out.append(bytes(124))
+            self._out.append(bytes(EXPORT_NAME_ZEROES))
         return self._done(negotiated)
 
     def _handle_abort(self, data: bytes) -> HandshakeEvent:

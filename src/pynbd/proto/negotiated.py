@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Protocol
 
-from .constants import TransmissionFlag
+from .constants import MAX_PAYLOAD, PREFERRED_BLOCK, TransmissionFlag
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -46,8 +46,8 @@ class BlockSizes:
     """Size constraints advertised in NBD_INFO_BLOCK_SIZE."""
 
     minimum: int = 1
-    preferred: int = 4096
-    maximum: int = 32 * 1024 * 1024
+    preferred: int = PREFERRED_BLOCK
+    maximum: int = MAX_PAYLOAD
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

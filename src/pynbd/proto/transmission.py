@@ -17,12 +17,13 @@ Rules of this module:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import wire
 from .constants import (
     MAX_EXTENTS,
     MAX_PAYLOAD,
+    MAX_STRING,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -42,33 +43,60 @@ if TYPE_CHECKING:
     from .negotiated import Negotiated
     from .wire import Buffer
 
+#: every bit of the 16-bit command flags field
+_ALL_FLAGS = 0xFFFF
+#: the largest 32-bit request length
+_MAX_LENGTH = 0xFFFFFFFF
 
 
-#: flags each command accepts (FUA is accepted on every command, as the spec says)
-_ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {
-    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag(0xFFFF),
-    Cmd.FLUSH: CmdFlag.FUA,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+class CommandRule(NamedTuple):
+    """What the spec asks of one command's requests.
+
+    ``COMMANDS`` is the one table request validation reads: ``_validate``
+    walks it for the full checks (and their error messages), and the fast
+    path's per-connection tuples are derived from it (``_build_fast_rules``).
+    """
+
+    #: the command flags it takes (FUA is accepted on every command, as the spec says)
+    flags: CmdFlag
+    #: the export flag that must have been advertised for it (none if 0)
+    needs: TransmissionFlag = TransmissionFlag(0)
+    #: it changes the export: EPERM on a read-only one
+    writes: bool = False
+    #: offset and length name a range, which must end inside the export ...
+    ranged: bool = False
+    #: ... else this error
+    past_end: Errno = Errno.EINVAL
+    #: offset and length must both be zero
+    empty: bool = False
+    #: the length is at most the connection's payload limit (the reply carries the data)
+    payload: bool = False
+    #: a metadata context must have been negotiated
+    contexts: bool = False
+    #: the length must not be zero
+    nonempty: bool = False
+
+
+_FUA, _DF = CmdFlag.FUA, CmdFlag.DF
+#: every command the server knows; commands not listed are refused
+COMMANDS: dict[Cmd, CommandRule] = {
+    Cmd.READ: CommandRule(_FUA | _DF, ranged=True, payload=True),
+    Cmd.WRITE: CommandRule(_FUA, writes=True, ranged=True, past_end=Errno.ENOSPC),
+    Cmd.DISC: CommandRule(CmdFlag(_ALL_FLAGS)),
+    Cmd.FLUSH: CommandRule(_FUA, needs=TransmissionFlag.SEND_FLUSH, empty=True),
+    Cmd.TRIM: CommandRule(_FUA, needs=TransmissionFlag.SEND_TRIM, writes=True, ranged=True),
+    Cmd.CACHE: CommandRule(_FUA, ranged=True),
+    Cmd.WRITE_ZEROES: CommandRule(_FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+                                  needs=TransmissionFlag.SEND_WRITE_ZEROES, writes=True,
+                                  ranged=True, past_end=Errno.ENOSPC),
+    Cmd.BLOCK_STATUS: CommandRule(_FUA | CmdFlag.REQ_ONE, ranged=True, contexts=True,
+                                  nonempty=True),
 }
+#: per command on one connection, what a request must satisfy to skip ``_validate``:
+#: (forbidden flag bits, max length, min length, check the range end, offset and
+#: length must be zero)
+FastRule = tuple[int, int, int, bool, bool]
 
-#: the transmission flag a command needs (commands not listed need none)
-_NEEDS_FLAG: dict[Cmd, TransmissionFlag] = {
-    Cmd.FLUSH: TransmissionFlag.SEND_FLUSH,
-    Cmd.TRIM: TransmissionFlag.SEND_TRIM,
-    Cmd.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
-}
-
-_WRITE_TYPE = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
-#: past the end, these get ENOSPC; other ranged commands get EINVAL
-_ENOSPC_PAST_END = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES})
-#: commands whose offset and length name a range of the export
-_RANGED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
-                     Cmd.BLOCK_STATUS})
 # plain ints for the per-request path
 _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
 
@@ -112,6 +140,11 @@ class ServerTransmission:
         #: payload buffers given back by ``recycle``, reused for the next large WRITEs
         self._spare: list[bytearray] = []
         self._disconnected = False
+        #: a metadata context was negotiated (BLOCK_STATUS needs one)
+        self._has_contexts = bool(negotiated.meta_contexts)
+        #: command flags this connection cannot take, with the reason
+        self._unusable_flags = self._build_unusable_flags()
+        #: per command, what a request must satisfy to skip ``_validate``
         self._fast_rules = self._build_fast_rules()
 
     # -- receiving -----------------------------------------------------------
@@ -296,72 +329,77 @@ class ServerTransmission:
                 return InvalidRequest(cookie, cmd, errno, message, offset)
         return Request(cmd, flags, cookie, offset, length, payload)
 
-    def _build_fast_rules(self) -> dict[int, tuple[int, int, int, bool, bool]]:
-        """Per command, what a request must satisfy to skip ``_validate``.
+    # -- validation: both paths read COMMANDS ----------------------------------
 
-        ``(forbidden flag bits, max length, min length, check the range end,
-        offset and length must be zero)``.  Commands that ``_validate`` would
-        refuse whatever their arguments are left out, so they always take the
-        slow path; everything the fast path lets through, ``_validate`` would
-        let through too (a test checks the two agree).
+    def _build_unusable_flags(self) -> tuple[tuple[int, str], ...]:
+        """Command flags that need something this connection did not negotiate, and why."""
+        unusable: list[tuple[int, str]] = []
+        if not self._flags & TransmissionFlag.SEND_FAST_ZERO:
+            unusable.append((int(CmdFlag.FAST_ZERO), "FAST_ZERO was not advertised"))
+        if not self._structured:
+            unusable.append((int(CmdFlag.DF), "DF needs structured replies"))
+        return tuple(unusable)
+
+    def _refusal(self, command: Cmd, rule: CommandRule) -> tuple[Errno, str] | None:
+        """Why this connection refuses ``command`` before looking at its range, if it does."""
+        if rule.writes and self.negotiated.read_only:
+            return Errno.EPERM, "export is read-only"
+        if rule.needs and not self._flags & rule.needs:
+            return Errno.EINVAL, f"{command.name} was not advertised"
+        return None
+
+    def _build_fast_rules(self) -> dict[int, FastRule]:
+        """``COMMANDS`` compiled for this connection's fast path, check by check.
+
+        A command this connection refuses whatever its arguments has no rule,
+        so it always takes the slow path (as does DISC, which ends parsing
+        before validation); flags it does not take, or that this connection
+        cannot, are forbidden bits; the range checks are the tuple's fields.
         """
-        rules: dict[int, tuple[int, int, int, bool, bool]] = {}
-        for cmd, allowed in _ALLOWED_FLAGS.items():
-            if cmd == Cmd.DISC:
+        unusable = 0
+        for bit, _ in self._unusable_flags:
+            unusable |= bit
+        rules: dict[int, FastRule] = {}
+        for command, rule in COMMANDS.items():
+            if (command == Cmd.DISC or self._refusal(command, rule) is not None
+                    or (rule.contexts and not self._has_contexts)):
                 continue
-            if cmd in _WRITE_TYPE and self.negotiated.read_only:
-                continue
-            needed = _NEEDS_FLAG.get(cmd)
-            if needed is not None and not self._flags & needed:
-                continue
-            if cmd == Cmd.BLOCK_STATUS and not self.negotiated.meta_contexts:
-                continue
-            ok = int(allowed)
-            if not self._flags & TransmissionFlag.SEND_FAST_ZERO:
-                ok &= ~int(CmdFlag.FAST_ZERO)
-            if not self._structured:
-                ok &= ~int(CmdFlag.DF)
-            max_length = self._max_payload if cmd == Cmd.READ else 0xFFFFFFFF
-            min_length = 1 if cmd == Cmd.BLOCK_STATUS else 0
-            rules[int(cmd)] = (0xFFFF & ~ok, max_length, min_length, cmd in _RANGED,
-                               cmd == Cmd.FLUSH)
+            rules[int(command)] = (_ALL_FLAGS & ~(int(rule.flags) & ~unusable),
+                                   self._max_payload if rule.payload else _MAX_LENGTH,
+                                   1 if rule.nonempty else 0, rule.ranged, rule.empty)
         return rules
 
     def _validate(self, cmd: int, flags: int, offset: int,
                   length: int) -> tuple[Errno, str] | None:
+        """The full checks of one request, in order: ``None``, or the error to reply."""
         try:
             command = Cmd(cmd)
         except ValueError:
             return Errno.EINVAL, f"unknown command {cmd}"
-        allowed = _ALLOWED_FLAGS.get(command)
-        if allowed is None:
+        rule = COMMANDS.get(command)
+        if rule is None:
             return Errno.EINVAL, f"command {command.name} is not supported"
         # int(): ~ on an IntFlag only complements its known members, not unknown bits
-        if flags & ~int(allowed):
+        if flags & ~int(rule.flags):
             return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
-        if command in _WRITE_TYPE and self.negotiated.read_only:
-            return Errno.EPERM, "export is read-only"
-        needed = _NEEDS_FLAG.get(command)
-        if needed is not None and not self._flags & needed:
-            return Errno.EINVAL, f"{command.name} was not advertised"
-        if flags & CmdFlag.FAST_ZERO and not self._flags & TransmissionFlag.SEND_FAST_ZERO:
-            return Errno.EINVAL, "FAST_ZERO was not advertised"
-        if flags & CmdFlag.DF and not self._structured:
-            return Errno.EINVAL, "DF needs structured replies"
-        if command == Cmd.FLUSH and (offset or length):
-            return Errno.EINVAL, "FLUSH must have zero offset and length"
-        if command in _RANGED and offset + length > self._size:
-            errno = Errno.ENOSPC if command in _ENOSPC_PAST_END else Errno.EINVAL
-            return errno, f"request past the end of the {self._size}-byte export"
-        if command == Cmd.READ and length > self._max_payload:
+        refusal = self._refusal(command, rule)
+        if refusal is not None:
+            return refusal
+        for bit, message in self._unusable_flags:
+            if flags & bit:
+                return Errno.EINVAL, message
+        if rule.empty and (offset or length):
+            return Errno.EINVAL, f"{command.name} must have zero offset and length"
+        if rule.ranged and offset + length > self._size:
+            return rule.past_end, f"request past the end of the {self._size}-byte export"
+        if rule.payload and length > self._max_payload:
             if flags & CmdFlag.DF:
                 return Errno.EOVERFLOW, "read too large to send in one chunk"
-            return Errno.EINVAL, f"READ of {length} bytes is over the limit"
-        if command == Cmd.BLOCK_STATUS:
-            if not self.negotiated.meta_contexts:
-                return Errno.EINVAL, "no metadata context was negotiated"
-            if length == 0:
-                return Errno.EINVAL, "BLOCK_STATUS of zero length"
+            return Errno.EINVAL, f"{command.name} of {length} bytes is over the limit"
+        if rule.contexts and not self._has_contexts:
+            return Errno.EINVAL, "no metadata context was negotiated"
+        if rule.nonempty and not length:
+            return Errno.EINVAL, f"{command.name} of zero length"
         return None
 
     # -- replies ----------------------------------------------------------------
@@ -375,8 +413,8 @@ class ServerTransmission:
         """Failure of any command, with a human message when the client can see it."""
         if not self._structured:
             return [wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, cookie)]
-        # at most 4096 bytes, without leaving half a character behind
-        text = message.encode("utf-8")[:4096].decode("utf-8", "ignore").encode()
+        # at most MAX_STRING bytes, without leaving half a character behind
+        text = message.encode("utf-8")[:MAX_STRING].decode("utf-8", "ignore").encode()
         if offset is None:
             body = wire.ERROR_CHUNK.pack(errno, len(text)) + text
             kind = ReplyType.ERROR

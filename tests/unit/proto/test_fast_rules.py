@@ -1,9 +1,12 @@
 """The transmission core's fast path agrees with its full validation.
 
-``ServerTransmission.next_event`` skips ``_validate`` for requests that match
-the per-connection fast rules; that is only correct if every request the fast
-rules accept is one ``_validate`` accepts too.  Checked over every negotiated
-state that changes the rules, for arbitrary commands, flags and ranges.
+Both read one table (``transmission.COMMANDS``): ``_validate`` walks it, and
+``_build_fast_rules`` compiles it into the per-connection tuples that
+``ServerTransmission.next_event`` checks to skip ``_validate``.  So what is
+checked here is that compilation: every request the fast rules accept is one
+``_validate`` accepts too, over every negotiated state that changes the rules,
+for arbitrary commands, flags and ranges; and no command that can be valid on
+a connection is left to the slow path.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pynbd.backends import MemoryBackend
 from pynbd.proto.constants import MAX_PAYLOAD, REQUEST_MAGIC, Cmd
 from pynbd.proto.events import InvalidRequest, Request
 from pynbd.proto.negotiated import Negotiated
-from pynbd.proto.transmission import ServerTransmission
+from pynbd.proto.transmission import COMMANDS, ServerTransmission
 from pynbd.proto.wire import REQUEST
 from pynbd.server.export import Export
 
@@ -69,3 +72,16 @@ def test_common_requests_take_the_fast_path(state: tuple[bool, bool, bool, bool]
     rule = server._fast_rules[Cmd.READ]
     assert rule[0] & 1 == 0  # FUA allowed
     assert rule[1] == MAX_PAYLOAD
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_every_command_that_can_be_valid_has_a_fast_rule(
+        state: tuple[bool, bool, bool, bool]) -> None:
+    """A command ``_validate`` accepts in its plainest form is not left to the slow path."""
+    server = core(*state)
+    for cmd, rule in COMMANDS.items():
+        if cmd == Cmd.DISC:
+            assert cmd not in server._fast_rules  # ends parsing before validation
+            continue
+        plain = (0, 0, 0) if rule.empty else (0, 0, 1)
+        assert (server._validate(cmd, *plain) is None) == (cmd in server._fast_rules), cmd.name
