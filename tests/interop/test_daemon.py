@@ -614,8 +614,15 @@ def test_two_exports_of_one_node_share_the_backend(daemon: Callable[..., Daemon]
 # -- QMP robustness over a plain socket ----------------------------------------------------
 
 
+def strict_json(line: bytes) -> Any:
+    """``line`` as standard JSON: Python's NaN and Infinity extensions are refused."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"the daemon sent {name}, which is not JSON: {line[:200]!r}")
+    return json.loads(line, parse_constant=refuse)
+
+
 class RawQMP:
-    """A QMP connection over a plain Unix socket, one JSON object per line."""
+    """A QMP connection over a plain Unix socket, one standard JSON object per line."""
 
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -628,7 +635,7 @@ class RawQMP:
             line, sep, rest = self.buf.partition(b"\n")
             if sep:
                 self.buf = rest
-                message: dict[str, Any] = json.loads(line)
+                message: dict[str, Any] = strict_json(line)
                 return message
             data = self.sock.recv(65536)
             if not data:
@@ -774,6 +781,96 @@ def test_qmp_robustness_while_nbd_io_goes_on(daemon: Callable[..., Daemon],
     verified_io()
     nbd_close(h)
     assert d.proc.poll() is None
+
+
+def test_replies_are_always_json(daemon: Callable[..., Daemon]) -> None:
+    """qemu reads ``1e99999`` as a double infinity and would echo ``"id": inf``;
+    the daemon answers a non-finite number with a parse error that has no id,
+    and everything it writes parses as standard JSON."""
+    d = daemon("--blockdev", "driver=memory,node-name=m,size=1M")
+    q = RawQMP(d.qmp)
+    out_of_range = "JSON parse error, number out of range"
+    try:
+        assert "QMP" in q.recv()
+        error_reply(q.command(b'{"execute": "query-version", "id": 1e99999}\n'),
+                    "GenericError", out_of_range)
+        assert q.command(b'{"execute": "qmp_capabilities", "id": 1e308}') == {
+            "return": {}, "id": 1e308}
+        for line in [b'{"execute": "query-version", "id": 1e99999}',
+                     b'{"execute": "query-version", "id": -1E400}',
+                     b'{"execute": "query-version", "id": [1, 2e999]}',
+                     b'{"execute": "x-fault-add", "id": 3, "arguments": '
+                     b'{"node-name": "m", "command": "read", "delay": 1e999}}']:
+            reply = q.command(line + b"\n")
+            assert "id" not in reply
+            error_reply(reply, "GenericError", out_of_range)
+        for line in [b'{"execute": "query-version", "id": NaN}',
+                     b'{"execute": "query-version", "id": Infinity}',
+                     b'{"execute": "query-version", "id": -Infinity}']:
+            error_reply(q.command(line + b"\n"), "GenericError", "JSON parse error")
+        # finite numbers, however written, come back as numbers JSON can carry
+        big = 10 ** 400
+        for raw, echoed in [(b"1e-99999", 0.0), (b"-0.5E3", -500.0),
+                            (str(big).encode(), big)]:
+            reply = q.command(b'{"execute": "query-version", "id": ' + raw + b"}\n")
+            assert reply["id"] == echoed
+            assert reply["return"]["qemu"]["major"] == 7
+        assert q.command(b'{"execute": "query-block-exports", "id": "last"}') == {
+            "return": [], "id": "last"}
+    finally:
+        q.close()
+    assert d.proc.poll() is None
+
+
+# -- node names and export ids, as qemu checks them ------------------------------------------
+
+
+def test_node_names_and_export_ids_as_qemu_checks_them(daemon: Callable[..., Daemon]) -> None:
+    d = daemon()
+
+    async def main() -> None:
+        async with qmp_session(d.qmp) as client:
+            for name in ["", "1abc", "-n", "_n", "#block001", "a b", "a/b", "n\u00e9",
+                         "1" + "n" * 4999]:
+                assert await qmp_fails(client, "blockdev-add", {
+                    "driver": "memory", "node-name": name, "size": MiB}) == (
+                    f"Invalid node-name: '{name}'")
+            for length in (32, 5000):
+                assert await qmp_fails(client, "blockdev-add", {
+                    "driver": "memory", "node-name": "n" * length, "size": MiB}) == (
+                    "Node name too long")
+            assert await qmp(client, "query-named-block-nodes") == []
+            longest = "N" + "a-._9" * 6
+            assert len(longest) == 31
+            assert await qmp(client, "blockdev-add", {
+                "driver": "memory", "node-name": longest, "size": MiB}) == {}
+            # duplicate before too long; inline children are checked and named alike
+            assert await qmp_fails(client, "blockdev-add", {
+                "driver": "memory", "node-name": longest, "size": MiB}) == (
+                f"Duplicate nodes with node-name='{longest}'")
+            assert await qmp_fails(client, "blockdev-add", {
+                "driver": "raw", "node-name": "p", "file": {
+                    "driver": "memory", "node-name": "c" * 40, "size": MiB}}) == (
+                "Node name too long")
+            assert await qmp(client, "blockdev-add", {
+                "driver": "raw", "node-name": "p", "file": {"driver": "memory",
+                                                           "size": MiB}}) == {}
+            names = [n["node-name"] for n in await qmp(client, "query-named-block-nodes")]
+            assert names == [longest, "#block001", "p"]
+
+            await qmp(client, "nbd-server-start", {"addr": unix_addr(d.nbd_sock)})
+            for bad in ["", "#e0", "0e", "e 0", "e\u00e9"]:
+                assert await qmp_fails(client, "block-export-add",
+                                       export_args(bad, longest)) == (
+                    "Invalid block export id")
+            assert await qmp(client, "block-export-add",
+                             export_args("e" * 100, longest, name="disk")) == {}
+            exports = await qmp(client, "query-block-exports")
+            assert [(e["id"], e["node-name"]) for e in exports] == [("e" * 100, longest)]
+            h = nbd_open(d.uri("disk"))
+            assert h.get_size() == MiB
+            nbd_close(h)
+    asyncio.run(main())
 
 
 # -- several QMP clients -------------------------------------------------------------------
@@ -930,8 +1027,17 @@ def test_startup_nested_node_without_qmp(daemon: Callable[..., Daemon], tmp_path
     (["--blockdev", "driver=memory,node-name=m,size=9223372036854775808"],
      "--blockdev driver=memory,node-name=m,size=9223372036854775808: Parameter 'size': "
      "size 9223372036854775808 is too large (the limit is 2**63 - 1 bytes)"),
+    (["--blockdev", "driver=memory,node-name=1m,size=1M"],
+     "--blockdev driver=memory,node-name=1m,size=1M: Invalid node-name: '1m'"),
+    (["--blockdev", f"driver=memory,node-name={'m' * 32},size=1M"],
+     f"--blockdev driver=memory,node-name={'m' * 32},size=1M: Node name too long"),
+    (["--blockdev", "driver=memory,node-name=m,size=1M",
+      "--nbd-server", "addr.type=unix,addr.path=@NBD@",
+      "--export", "type=nbd,id=#e0,node-name=m"],
+     "--export type=nbd,id=#e0,node-name=m: Invalid block export id"),
 ], ids=["driver", "filename", "nofile", "writable", "nonode", "noserver", "nopath",
-        "limit", "keyval", "option", "poll", "memory-size"])
+        "limit", "keyval", "option", "poll", "memory-size", "node-name", "node-name-long",
+        "export-id"])
 def test_bad_startup_options(tmp_path: Path, args: list[str], message: str) -> None:
     qmp_path = str(tmp_path / "q.sock")
     nbd_sock = str(tmp_path / "n.sock")

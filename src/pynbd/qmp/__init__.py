@@ -1,4 +1,5 @@
-"""QMP management for the daemon: a sans-IO session, a schema, an engine, a socket."""
+"""QMP management for the daemon: a sans-IO session, a schema, the engine and its
+commands (one module per area, in ``commands``), a socket."""
 
 from __future__ import annotations
 

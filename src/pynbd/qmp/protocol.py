@@ -10,12 +10,18 @@ Rules of this module:
   its newline and answered with an error.
 - Until ``qmp_capabilities`` succeeds only that command is accepted, with
   qemu's error text for anything else.
+- Everything sent is valid JSON.  Input numbers must be finite (``NaN``,
+  ``Infinity`` and ``1e99999`` are parse errors: qemu would echo such an id as
+  ``inf``); output is encoded with ``allow_nan=False``, a reply that cannot
+  be encoded is replaced by an error reply, and such an event is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
@@ -59,6 +65,17 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"invalid keyword '{name}'")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _encode(message: dict[str, JSON]) -> bytes:
+    return json.dumps(message, separators=(", ", ": "), allow_nan=False).encode() + b"\r\n"
+
+
 def generic_error(desc: str) -> QMPError:
     return QMPError("GenericError", desc)
 
@@ -94,7 +111,7 @@ class QMPSession:
         return out
 
     def _queue(self, message: dict[str, JSON]) -> None:
-        self._out.append(json.dumps(message, separators=(", ", ": ")).encode() + b"\r\n")
+        self._out.append(_encode(message))
 
     # -- commands ----------------------------------------------------------------
 
@@ -222,7 +239,8 @@ class QMPSession:
     @staticmethod
     def _decode(line: bytes) -> dict[str, JSON]:
         try:
-            message = json.loads(line, parse_constant=_reject_constant)
+            message = json.loads(line, parse_constant=_reject_constant,
+                                 parse_float=_finite_float)
         except (ValueError, RecursionError) as err:
             raise generic_error(f"JSON parse error, {err}") from None
         if not isinstance(message, dict):
@@ -255,7 +273,11 @@ class QMPSession:
         reply: dict[str, JSON] = {"return": value}
         if command.has_id:
             reply["id"] = command.id
-        self._queue(reply)
+        try:
+            self._out.append(_encode(reply))
+        except (ValueError, TypeError, RecursionError) as err:
+            self._send_error(generic_error(f"The reply cannot be sent as JSON: {err}"),
+                             command.has_id, command.id)
 
     def send_error(self, command: Execute, err: QMPError) -> None:
         self._send_error(err, command.has_id, command.id)
@@ -264,11 +286,17 @@ class QMPSession:
         reply: dict[str, JSON] = {"error": {"class": err.error_class, "desc": err.desc}}
         if has_id:
             reply["id"] = msg_id
-        self._queue(reply)
+        try:
+            self._out.append(_encode(reply))
+        except (ValueError, TypeError, RecursionError):
+            # only an id we did not parse ourselves can fail: answer without it
+            reply.pop("id", None)
+            self._queue(reply)
 
     def send_event(self, name: str, data: dict[str, JSON], seconds: int,
                    microseconds: int) -> None:
         """An asynchronous event; only sent once capabilities are negotiated."""
         if self.negotiated:
-            self._queue({"event": name, "data": data,
-                         "timestamp": {"seconds": seconds, "microseconds": microseconds}})
+            with contextlib.suppress(ValueError, TypeError, RecursionError):
+                self._queue({"event": name, "data": data,
+                             "timestamp": {"seconds": seconds, "microseconds": microseconds}})

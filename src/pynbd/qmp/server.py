@@ -12,11 +12,13 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from .engine import QEMU_VERSION, Engine
+from .commands.basic import version
 from .protocol import QMPError, QMPSession, generic_error
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("pynbd.qmp")
 
@@ -55,7 +57,7 @@ class QMPServer:
                 writer.write(session.data_to_send())
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = QMPSession({"qemu": dict(QEMU_VERSION), "package": f"pynbd {__version__}"})
+        session = QMPSession(version())
         self._clients[session] = writer
         try:
             writer.write(session.data_to_send())

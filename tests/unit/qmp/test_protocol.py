@@ -30,12 +30,19 @@ MAX_COMMANDS = 10_000
 # -- helpers -----------------------------------------------------------------------
 
 
+def strict_json(line: bytes) -> Any:
+    """``line`` as JSON, refusing what Python accepts beyond the standard (NaN, Infinity)."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"not JSON: {name} in {line[:200]!r}")
+    return json.loads(line, parse_constant=refuse)
+
+
 def messages(data: bytes) -> list[dict[str, Any]]:
-    """Parse what a session sent: CRLF-terminated JSON objects, one per line."""
+    """Parse what a session sent: CRLF-terminated standard JSON objects, one per line."""
     assert data == b"" or data.endswith(b"\r\n"), data[-80:]
     out = []
     for line in data.split(b"\r\n")[:-1]:
-        value = json.loads(line)
+        value = strict_json(line)
         assert isinstance(value, dict)
         out.append(value)
     return out
@@ -282,6 +289,11 @@ def test_byte_at_a_time_stream_of_several_messages() -> None:
     (b"[" * 5000 + b"]" * 5000 + b"\n", "JSON parse error"),
     (b'{"execute": "x", "id": NaN}\n', "JSON parse error"),
     (b'{"execute": "x", "arguments": {"a": -Infinity}}\n', "JSON parse error"),
+    (b'{"execute": "x", "id": 1e99999}\n', "JSON parse error, number out of range"),
+    (b'{"execute": "x", "id": -1E400}\n', "JSON parse error, number out of range"),
+    (b'{"execute": "x", "arguments": {"rate": 1.5e309}}\n',
+     "JSON parse error, number out of range"),
+    (b'{"execute": "x", "id": 1' + b"0" * 5000 + b'}\n', "JSON parse error"),
 ])
 @pytest.mark.parametrize("negotiate", [False, True])
 def test_garbage_gets_one_error_and_the_session_goes_on(
@@ -376,6 +388,67 @@ def test_message_just_under_the_limit_is_accepted() -> None:
     assert len(commands) == 1
     assert len(commands[0].arguments["d"]) == MAX_LINE - len(head) - len(tail)
     assert sent == [{"return": {}}]
+
+
+# -- always valid JSON out ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("negotiate", [False, True])
+def test_an_infinite_id_is_a_parse_error_whose_reply_parses(negotiate: bool) -> None:
+    """qemu reads 1e99999 as a double infinity and echoes ``"id": inf`` (not JSON):
+    pynbd refuses the number, answering without an id, as for any parse error."""
+    session = negotiated() if negotiate else fresh()
+    commands, sent = run(session, b'{"execute": "query-version", "id": 1e99999}')
+    assert commands == []
+    assert sent == [{"error": {"class": "GenericError",
+                               "desc": "JSON parse error, number out of range"}}]
+    commands, sent = run(session, b'{"execute": "query-version", "id": 1e308}' if negotiate
+                         else NEGOTIATE)
+    assert len(commands) == 1
+    assert sent == ([{"return": {}, "id": 1e308}] if negotiate else [{"return": {}}])
+
+
+def test_finite_numbers_in_ids_are_echoed() -> None:
+    session = negotiated()
+    big = 10 ** 300
+    _, sent = run(session, b'{"execute": "a", "id": -0.5e3}{"execute": "b", "id": 1e-99999}'
+                  + b'{"execute": "c", "id": ' + str(big).encode() + b"}")
+    assert [reply["id"] for reply in sent] == [-500.0, 0.0, big]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"),
+                                   {"x": [1, float("nan")]}, {1, 2}, object()])
+def test_a_reply_that_is_not_json_becomes_an_error_reply(value: Any) -> None:
+    session = negotiated()
+    session.receive_data(b'{"execute": "query-x", "id": "q"}')
+    command = session.next_command()
+    assert command is not None
+    session.send_return(command, value)
+    [reply] = messages(session.data_to_send())
+    assert reply["id"] == "q"
+    generic_reply = {k: v for k, v in reply.items() if k != "id"}
+    generic("The reply cannot be sent as JSON: ", generic_reply)
+    # the session goes on
+    _, sent = run(session, b'{"execute": "query-version", "id": 2}')
+    assert sent == [{"return": {}, "id": 2}]
+
+
+def test_an_error_reply_with_an_id_that_is_not_json_goes_without_the_id() -> None:
+    session = negotiated()
+    command = Execute("x", {}, float("nan"), has_id=True)
+    session.send_error(command, QMPError("GenericError", "failed"))
+    session.send_return(command, {})
+    failed, unsendable = messages(session.data_to_send())
+    assert failed == {"error": {"class": "GenericError", "desc": "failed"}}
+    generic("The reply cannot be sent as JSON: ", unsendable)
+
+
+def test_an_event_that_is_not_json_is_dropped() -> None:
+    session = negotiated()
+    session.send_event("E", {"x": float("inf")}, 1, 2)
+    session.send_event("F", {}, 1, 2)
+    assert messages(session.data_to_send()) == [
+        {"event": "F", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}]
 
 
 # -- events -----------------------------------------------------------------------------

@@ -12,14 +12,13 @@ from typing import Any
 import pytest
 
 from pynbd.qmp import schema as s
-from pynbd.qmp.engine import (
-    BLOCK_EXPORT_ADD,
-    BLOCK_EXPORT_DEL,
-    BLOCKDEV_ADD,
-    COMMANDS,
-    NBD_SERVER_START,
-)
+from pynbd.qmp.commands.block import BLOCKDEV_ADD
+from pynbd.qmp.commands.nbd import BLOCK_EXPORT_ADD, BLOCK_EXPORT_DEL, NBD_SERVER_START
+from pynbd.qmp.engine import Engine
 from pynbd.qmp.protocol import QMPError
+
+#: the daemon's command table
+COMMANDS = Engine().commands
 
 UNIX = {"type": "unix", "data": {"path": "/tmp/x.sock"}}
 EXPORT = {"type": "nbd", "id": "e0", "node-name": "n0"}

@@ -1,0 +1,51 @@
+"""The records the QMP engine keeps: block nodes, block exports, the NBD server.
+
+Rules of this module: plain data, no behaviour.  The engine holds these
+records and the command modules (``pynbd.qmp.commands``) build them, so they
+live here, below both: a command module never needs the engine's module at
+run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
+
+    from ..backends.base import Backend
+    from ..server import Export, Server
+
+
+@dataclasses.dataclass
+class Node:
+    """A block node: a named backend, possibly layered over another node."""
+
+    name: str
+    driver: str
+    backend: Backend
+    read_only: bool
+    filename: str = ""
+    child: Node | None = None
+    #: an inline child given without a node-name: named by us, deleted with its parent
+    implicit: bool = False
+
+
+@dataclasses.dataclass
+class ExportEntry:
+    """A block export added with ``block-export-add``."""
+
+    id: str
+    node: Node
+    export: Export
+    shutting_down: bool = False
+
+
+@dataclasses.dataclass
+class NbdServer:
+    """The running NBD server (``nbd-server-start``) and the socket it listens on."""
+
+    server: Server
+    sock: socket.socket
+    unix_path: str | None
