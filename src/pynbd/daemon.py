@@ -9,25 +9,30 @@ with status 2.  The daemon runs until QMP ``quit``, SIGINT or SIGTERM.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .cli import POLL_HELP, poll_max_ns_arg, raise_fd_limit
+from .cmdline import Parser, UsageError
+from .commands.common import (
+    POLL_HELP,
+    poll_max_ns_arg,
+    prepare_process,
+    setup_logging,
+    write_pid_file,
+)
 from .qmp import schema as s
 from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, OBJECT_ADD, Engine
 from .qmp.protocol import QMPError
 from .qmp.server import QMPServer
-from .server.malloc import tune_malloc
 from .server.polling import DEFAULT_POLL_MAX_NS, event_loop_factory
 from .server.runtime import handle_stop_signals
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
 #: qemu-storage-daemon's --nbd-server takes a flat SocketAddress
@@ -41,18 +46,9 @@ _NBD_SERVER_OPTS = s.Struct(
     frozenset({"max-connections", "handshake-max-seconds", "tls-creds", "tls-authz"}))
 
 
-class DaemonUsageError(Exception):
-    """A bad command line; printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise DaemonUsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pynbd daemon", description="Serve NBD exports managed over QMP "
-                "(in the style of qemu-storage-daemon).")
+    p = Parser(prog="pynbd daemon", description="Serve NBD exports managed over QMP "
+               "(in the style of qemu-storage-daemon).")
     p.add_argument("--qmp", metavar="PATH", help="QMP server on this Unix socket")
     p.add_argument("--blockdev", action="append", default=[], metavar="OPTS",
                    help="add a block node, e.g. driver=file,node-name=n0,filename=disk.img")
@@ -96,7 +92,7 @@ def _nbd_server_arguments(text: str) -> dict[str, Any]:
 
 
 async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
-    """Run the start-up options as QMP commands; ``DaemonUsageError`` on failure."""
+    """Run the start-up options as QMP commands; ``UsageError`` on failure."""
     steps: list[tuple[str, str, Any]] = []
     steps += [("--object", text, _object_arguments) for text in ns.object]
     steps += [("--blockdev", text, lambda t: _blockdev_arguments(s.parse_keyval(t)))
@@ -111,7 +107,7 @@ async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
         try:
             await engine.execute(commands[option], convert(text))
         except QMPError as err:
-            raise DaemonUsageError(f"{option} {text}: {err.desc}") from None
+            raise UsageError(f"{option} {text}: {err.desc}") from None
 
 
 async def _run(ns: argparse.Namespace) -> None:
@@ -128,10 +124,10 @@ async def _run(ns: argparse.Namespace) -> None:
             try:
                 await qmp.start()
             except OSError as err:
-                raise DaemonUsageError(f"cannot listen on {ns.qmp}: "
-                                       f"{err.strerror or err}") from None
+                raise UsageError(f"cannot listen on {ns.qmp}: "
+                                 f"{err.strerror or err}") from None
         if ns.pid_file:
-            _write_pid_file(ns.pid_file)
+            write_pid_file(ns.pid_file)
         await engine.quit_requested.wait()
     finally:
         if qmp is not None:
@@ -144,25 +140,17 @@ async def _run(ns: argparse.Namespace) -> None:
                 os.unlink(ns.pid_file)
 
 
-def _write_pid_file(path: str) -> None:
-    with open(path, "w") as fh:
-        fh.write(f"{os.getpid()}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pynbd daemon``."""
     try:
         ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         if not (ns.qmp or ns.export):
-            raise DaemonUsageError("nothing to do: give --qmp PATH and/or --export")
-        logging.basicConfig(level=logging.DEBUG if ns.verbose > 1 else logging.INFO
-                            if ns.verbose else logging.WARNING,
-                            format="pynbd daemon: %(message)s")
-        raise_fd_limit()
-        tune_malloc()
+            raise UsageError("nothing to do: give --qmp PATH and/or --export")
+        setup_logging(ns.verbose, "pynbd daemon")
+        prepare_process()
         with asyncio.Runner(loop_factory=event_loop_factory(ns.poll_max_ns)) as runner:
             runner.run(_run(ns))
-    except DaemonUsageError as err:
+    except UsageError as err:
         print(f"pynbd daemon: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,13 +9,14 @@ production PKI.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
+
+from .cmdline import Parser, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -24,16 +25,14 @@ DEFAULT_DAYS = 365
 
 
 class SetupError(Exception):
-    """Printed as one line; exit status 2 (bad use) or 1 (openssl failed)."""
+    """Printed as one line; exit status 1 (openssl failed) unless ``status`` says.
+
+    A bad command line is a ``UsageError`` instead (exit status 2).
+    """
 
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise SetupError(message, 2)
 
 
 def _openssl(*args: str) -> None:
@@ -104,8 +103,8 @@ def _is_ip(text: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pynbd tls-setup``."""
-    parser = _Parser(prog="pynbd tls-setup",
-                     description="Create a test CA, server and client certificates in DIR.")
+    parser = Parser(prog="pynbd tls-setup",
+                    description="Create a test CA, server and client certificates in DIR.")
     parser.add_argument("directory", metavar="DIR")
     parser.add_argument("--hostname", action="append", default=[],
                         help="name or address the server certificate is for "
@@ -117,9 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
         if ns.days < 1:
-            raise SetupError("--days must be at least 1", 2)
+            raise UsageError("--days must be at least 1")
         setup(ns.directory, hostnames=ns.hostname or ["localhost", "127.0.0.1"],
               client_cn=ns.client_cn, days=ns.days)
+    except UsageError as err:
+        print(f"pynbd tls-setup: {err}", file=sys.stderr)
+        return 2
     except SetupError as err:
         print(f"pynbd tls-setup: {err}", file=sys.stderr)
         return err.status

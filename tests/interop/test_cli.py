@@ -531,3 +531,61 @@ def test_second_signal_exits_when_the_final_flush_hangs(pynbd_server: Callable[.
     assert "still waiting for the final flush after 2 s" in stderr
     assert "a signal now exits without waiting" in stderr
     assert "second signal" in stderr
+
+
+# -- listening sockets ------------------------------------------------------------------
+
+
+def test_a_stale_socket_is_replaced_but_no_other_file(tmp_path: Path) -> None:
+    """``-k PATH`` takes over a socket file a dead server left, but never removes a
+    regular file: that is an error naming the path."""
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale))  # closed without unlinking: what a killed server leaves
+    with cli_server(MODULE, "--print-uri", "-k", str(stale), "memory:1M") as proc:
+        # the file is a socket already: wait for the URI, printed once listening
+        assert read_line(proc) == f"{unix_uri(stale)}\n"
+        session(unix_uri(stale))
+        assert wait_exit(proc) == 0
+    regular = tmp_path / "regular"
+    regular.write_text("keep me")
+    result = run_cli(MODULE, "-k", str(regular), "memory:1M")
+    assert result.returncode == 2
+    assert result.stderr == f"pynbd: cannot listen on {regular}: Address already in use\n"
+    assert regular.read_text() == "keep me"
+
+
+def test_listen_helpers_give_ready_sockets_and_close_them_on_failure(
+        tmp_path: Path) -> None:
+    from pynbd.server.listen import listen_tcp, listen_unix
+
+    path = str(tmp_path / "l.sock")
+    with listen_unix(path) as unix, listen_tcp("127.0.0.1", 0) as tcp:
+        for sock in (unix, tcp):
+            assert not sock.getblocking()
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        with socket.create_connection(tcp.getsockname()[:2], timeout=TIMEOUT):
+            pass
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError, match="Address already in use"):
+            listen_unix(path)  # a live server's socket is no stale one to replace
+        failures: list[tuple[str, int | str, type[OSError], str | None]] = [
+            ("127.0.0.1", tcp.getsockname()[1], OSError, "Address already in use"),
+            # getaddrinfo alone would wrap these to port 0
+            ("127.0.0.1", 65536, OSError, "out of range"),
+            ("127.0.0.1", "65536", OSError, "out of range"),
+            ("no-such-host.invalid", 0, socket.gaierror, None),  # resolvers word it apart
+            # not encodable as a host name (a UnicodeError underneath)
+            ("\udcff", 0, OSError, "idna"),
+        ]
+        for host, port, kind, words in failures:
+            with pytest.raises(kind, match=words):
+                listen_tcp(host, port)
+        with pytest.raises(FileNotFoundError):
+            listen_unix(str(tmp_path / "no-dir" / "s.sock"), replace_stale=True)
+        assert len(os.listdir("/proc/self/fd")) == fds  # every failed socket was closed
+    # replace_stale: the closed socket left its file behind
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    with listen_unix(path, replace_stale=True) as again:
+        assert again.getsockname() == path

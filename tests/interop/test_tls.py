@@ -1139,3 +1139,92 @@ def test_bad_tls_command_lines(pki: Pki, tmp_path: Path, args: list[str],
     assert lines[0].startswith("pynbd: ")
     assert needle in lines[0]
     assert not sock.exists()
+
+
+#: a TLS object problem on the command line and the whole line it prints; {main} is
+#: the certificates' directory
+TLS_OBJECT_LINES: list[tuple[str, list[str], str]] = [
+    ("creds-names-authz", ["--object", "authz-simple,id=tls0,identity=CN=x",
+                           "--tls-creds", "tls0"],
+     "object 'tls0' is not tls-creds-x509"),
+    ("client-endpoint", ["--object", "tls-creds-x509,id=tls0,dir={main},endpoint=client",
+                         "--tls-creds", "tls0"],
+     "TLS credentials 'tls0' are not for a server (endpoint must be server)"),
+    ("no-dir", ["--object", "tls-creds-x509,id=tls0", "--tls-creds", "tls0"],
+     "TLS credentials 'tls0' need dir=DIR"),
+    ("bad-verify-peer", ["--object", "tls-creds-x509,id=tls0,dir={main},verify-peer=maybe",
+                         "--tls-creds", "tls0"],
+     "verify-peer='maybe': expected on or off"),
+    ("authz-names-nothing", ["--object", "tls-creds-x509,id=tls0,dir={main}",
+                             "--tls-creds", "tls0", "--tls-authz", "auth0"],
+     "--tls-authz 'auth0' must name an authz-simple object with identity=DN"),
+    ("authz-without-identity", ["--tls-creds", "{main}", "--object", "authz-simple,id=auth0",
+                                "--tls-authz", "auth0"],
+     "--tls-authz 'auth0' must name an authz-simple object with identity=DN"),
+    ("creds-name-nothing", ["--tls-creds", "tls0"],
+     "--tls-creds 'tls0' is neither an --object id nor a directory"),
+]
+
+
+@pytest.mark.parametrize(("args", "line"),
+                         [pytest.param(a, n, id=i) for i, a, n in TLS_OBJECT_LINES])
+def test_tls_object_errors_keep_their_wording(pki: Pki, tmp_path: Path, args: list[str],
+                                              line: str) -> None:
+    sock = tmp_path / "never.sock"
+    proc = subprocess.run([sys.executable, "-m", "pynbd", "-k", str(sock),
+                           *(a.format(main=pki.main) for a in args), "memory:1M"],
+                          capture_output=True, text=True, timeout=T, check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"pynbd: {line}\n")
+    assert not sock.exists()
+
+
+def test_credentials_from_objects_reads_qemu_objects(pki: Pki) -> None:
+    """The reader the command line and QMP share: a problem, the object it is about and
+    QMP's wording; credentials with what the objects say."""
+    from pynbd.server.tls import (
+        TlsCredentials,
+        TlsObjectError,
+        TlsObjectProblem,
+        credentials_from_objects,
+    )
+
+    creds = ("tls-creds-x509", {"dir": str(pki.main), "endpoint": "server"})
+    objects: dict[str, tuple[str, dict[str, Any]]] = {
+        "tls0": creds,
+        "peer": ("tls-creds-x509", {"dir": str(pki.main), "verify-peer": "on"}),
+        "peer-bool": ("tls-creds-x509", {"dir": str(pki.main), "verify-peer": True}),
+        "client": ("tls-creds-x509", {"dir": str(pki.main), "endpoint": "client"}),
+        "no-dir": ("tls-creds-x509", {}),
+        "odd-flag": ("tls-creds-x509", {"dir": str(pki.main), "verify-peer": "Maybe"}),
+        "auth0": ("authz-simple", {"identity": CLIENT_DN}),
+        "auth-empty": ("authz-simple", {}),
+    }
+    assert credentials_from_objects(objects, "tls0") == TlsCredentials(str(pki.main))
+    assert credentials_from_objects(objects, "tls0", verify_peer=True).verify_peer
+    assert credentials_from_objects(objects, "peer").verify_peer
+    assert credentials_from_objects(objects, "peer-bool").verify_peer
+    assert credentials_from_objects(objects, "tls0", "auth0").allowed_dns == frozenset({CLIENT_DN})
+    failures = [
+        (("missing",), TlsObjectProblem.NOT_CREDENTIALS, "missing",
+         "No TLS credentials with id 'missing'"),
+        (("auth0",), TlsObjectProblem.NOT_CREDENTIALS, "auth0",
+         "No TLS credentials with id 'auth0'"),
+        (("client",), TlsObjectProblem.NOT_SERVER, "client",
+         "TLS credentials 'client' are not for a server"),
+        (("no-dir",), TlsObjectProblem.NO_DIR, "no-dir",
+         "TLS credentials 'no-dir' need dir=DIR"),
+        (("odd-flag",), TlsObjectProblem.BAD_VERIFY_PEER, "odd-flag",
+         "verify-peer='maybe': expected on or off"),
+        (("tls0", "nothing"), TlsObjectProblem.NOT_AUTHZ, "nothing",
+         "No authorization object with id 'nothing'"),
+        (("tls0", "tls0"), TlsObjectProblem.NOT_AUTHZ, "tls0",
+         "No authorization object with id 'tls0'"),
+        (("tls0", "auth-empty"), TlsObjectProblem.NOT_AUTHZ, "auth-empty",
+         "No authorization object with id 'auth-empty'"),
+    ]
+    for ids, problem, object_id, message in failures:
+        with pytest.raises(TlsObjectError) as caught:
+            credentials_from_objects(objects, *ids)
+        assert isinstance(caught.value, ValueError)
+        assert (caught.value.problem, caught.value.object_id, str(caught.value)) == (
+            problem, object_id, message)

@@ -5,21 +5,35 @@ Rules of this module: a credentials directory holds ``ca-cert.pem``,
 ``endpoint=server``).  TLS 1.2 is the oldest version offered.  With peer
 verification the client must present a certificate signed by that CA; an
 allow list further restricts which certificate subjects (distinguished names,
-RFC 4514 order) are accepted.
+RFC 4514 order) are accepted.  ``credentials_from_objects`` reads qemu's
+``tls-creds-x509`` and ``authz-simple`` objects (given with ``--object`` or
+QMP ``object-add``) into ``TlsCredentials``; each front end words its errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 CA_CERT = "ca-cert.pem"
 SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
+
+#: qemu's object types (qom-type) for server credentials and an allow list
+TLS_CREDS_X509 = "tls-creds-x509"
+AUTHZ_SIMPLE = "authz-simple"
+
+#: the words qemu takes for a boolean property given as text
+_FLAG_WORDS = {"on": True, "yes": True, "true": True, "off": False, "no": False,
+               "false": False}
 
 #: attribute names as RFC 4514 (and gnutls) print them
 _SHORT_NAMES = {
@@ -84,6 +98,80 @@ class TlsCredentials:
         if normalize_dn(dn) not in {normalize_dn(a) for a in self.allowed_dns}:
             return f"client certificate {dn!r} is not allowed"
         return None
+
+
+class TlsObjectProblem(enum.Enum):
+    """Which check of ``credentials_from_objects`` failed."""
+
+    #: no tls-creds-x509 object has that id
+    NOT_CREDENTIALS = "not-credentials"
+    #: the credentials are not ``endpoint=server``
+    NOT_SERVER = "not-server"
+    #: the credentials have no ``dir=DIR``
+    NO_DIR = "no-dir"
+    #: ``verify-peer`` is neither on nor off
+    BAD_VERIFY_PEER = "bad-verify-peer"
+    #: no authz-simple object with an ``identity`` has that id
+    NOT_AUTHZ = "not-authz"
+
+
+class TlsObjectError(ValueError):
+    """Objects that do not make server credentials.
+
+    ``problem`` says which check failed and ``object_id`` names the object, so
+    that a front end can word the error its own way; the message is QMP's.
+    """
+
+    def __init__(self, problem: TlsObjectProblem, object_id: str, message: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+        self.object_id = object_id
+
+
+def credentials_from_objects(objects: Mapping[str, tuple[str, Mapping[str, Any]]],
+                             creds_id: str, authz_id: str | None = None, *,
+                             verify_peer: bool = False) -> TlsCredentials:
+    """The server credentials that object ``creds_id`` (tls-creds-x509) describes.
+
+    ``authz_id`` names an authz-simple object whose identity becomes the only
+    allowed client; ``verify_peer`` turns peer verification on whatever the
+    object says.  The files are not read here (``server_context`` does).
+    Raises ``TlsObjectError``.
+    """
+    kind, props = objects.get(creds_id, ("", {}))
+    if kind != TLS_CREDS_X509:
+        raise TlsObjectError(TlsObjectProblem.NOT_CREDENTIALS, creds_id,
+                             f"No TLS credentials with id '{creds_id}'")
+    if props.get("endpoint", "server") != "server":
+        raise TlsObjectError(TlsObjectProblem.NOT_SERVER, creds_id,
+                             f"TLS credentials '{creds_id}' are not for a server")
+    directory = props.get("dir")
+    if not isinstance(directory, str):
+        raise TlsObjectError(TlsObjectProblem.NO_DIR, creds_id,
+                             f"TLS credentials '{creds_id}' need dir=DIR")
+    flag = props.get("verify-peer", False)
+    if not isinstance(flag, bool):  # text from a command line
+        word = str(flag).lower()
+        if word not in _FLAG_WORDS:
+            raise TlsObjectError(TlsObjectProblem.BAD_VERIFY_PEER, creds_id,
+                                 f"verify-peer={word!r}: expected on or off")
+        flag = _FLAG_WORDS[word]
+    allowed = None if authz_id is None else allowed_identities(objects, authz_id)
+    return TlsCredentials(directory, verify_peer=verify_peer or flag, allowed_dns=allowed)
+
+
+def allowed_identities(objects: Mapping[str, tuple[str, Mapping[str, Any]]],
+                       authz_id: str) -> frozenset[str]:
+    """The client identities that object ``authz_id`` (authz-simple) allows.
+
+    Raises ``TlsObjectError`` (``NOT_AUTHZ``).
+    """
+    kind, props = objects.get(authz_id, ("", {}))
+    identity = props.get("identity")
+    if kind != AUTHZ_SIMPLE or not isinstance(identity, str):
+        raise TlsObjectError(TlsObjectProblem.NOT_AUTHZ, authz_id,
+                             f"No authorization object with id '{authz_id}'")
+    return frozenset({identity})
 
 
 def subject_dn(peercert: dict[str, Any]) -> str:

@@ -1,0 +1,211 @@
+"""``pynbd [options] IMAGE``, the qemu-nbd compatible command: running it.
+
+Rules of this module: argument errors print one line (``pynbd: ...``) and exit
+with status 2; the server prints nothing on success unless ``-v`` or
+``--print-uri``.  Sockets are bound before any fork so that errors reach the
+user's terminal and ``--fork`` returns only once clients can connect: the
+child reports over a pipe whether it started (``ok``) or why not
+(``error:MESSAGE``), and the parent exits with the matching status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import urllib.parse
+from typing import TYPE_CHECKING
+
+from ..backends import FileBackend, MemoryBackend, OffsetBackend, parse_size
+from ..backends.faults import FaultBackend
+from ..cmdline import UsageError
+from ..proto.handshake import TlsMode
+from ..server import Export, ExportTable, Server
+from ..server.listen import listen_tcp, listen_unix
+from ..server.polling import event_loop_factory
+from ..server.runtime import handle_stop_signals
+from .common import prepare_process, setup_logging, write_pid_file
+from .serve import MEMORY_PREFIX, RBD_PREFIX, Config, fault_rules, parse_args
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Sequence
+
+    from ..backends.base import Backend
+
+#: the parent reads the child's answer (b"ok" or b"error:" MESSAGE) in one read of
+#: this size; a pipe write up to this size (PIPE_BUF) is atomic
+READY_ANSWER_MAX = 4096
+#: a failure message is cut to this many bytes so that its answer fits
+_FAILURE_MESSAGE_MAX = 4000
+
+
+def _open_rbd(config: Config) -> Backend:
+    from ..backends.rbd import RbdBackend, RbdSpecError, RbdUnavailable, parse_rbd_filename
+
+    try:
+        spec = parse_rbd_filename(config.image)
+        return RbdBackend(spec, read_only=config.read_only, lock=config.rbd_lock,
+                          discard=config.discard == "unmap")
+    except (RbdSpecError, RbdUnavailable) as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(str(err.strerror)) from None
+
+
+def open_backend(config: Config) -> Backend:
+    """Open the image the config names; ``UsageError`` for a bad spec."""
+    backend: Backend
+    if config.image.startswith(MEMORY_PREFIX):
+        try:
+            backend = MemoryBackend(parse_size(config.image[len(MEMORY_PREFIX):]))
+        except ValueError as err:
+            raise UsageError(f"bad memory disk size: {err}") from None
+    elif config.image.startswith(RBD_PREFIX):
+        backend = _open_rbd(config)
+    else:
+        try:
+            backend = FileBackend(config.image, read_only=config.read_only,
+                                  discard=config.discard == "unmap")
+        except OSError as err:
+            raise UsageError(f"cannot open {config.image!r}: {err.strerror}") from None
+    if config.offset:
+        try:
+            backend = OffsetBackend(backend, config.offset)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if config.faults:
+        backend = FaultBackend(backend, fault_rules(config.faults), seed=config.fault_seed)
+        logging.getLogger("pynbd").info("fault injection: %d rule(s), seed %d",
+                                        len(config.faults), backend.seed)
+    return backend
+
+
+def bind_socket(config: Config) -> socket.socket:
+    """Bind and listen on the configured address; ``UsageError`` if impossible."""
+    try:
+        if config.socket_path is not None:
+            return listen_unix(config.socket_path, replace_stale=True)
+        return listen_tcp(config.bind, config.port)
+    except OSError as err:
+        where = config.socket_path or f"{config.bind}:{config.port}"
+        raise UsageError(f"cannot listen on {where}: {err.strerror or err}") from None
+
+
+def export_uri(config: Config, sock: socket.socket) -> str:
+    """The NBD URI a client uses to reach the export."""
+    name = urllib.parse.quote(config.export_name, safe="")
+    scheme = "nbds" if config.tls_mode is TlsMode.REQUIRE else "nbd"
+    if config.socket_path is not None:
+        path = urllib.parse.quote(os.path.abspath(config.socket_path), safe="/")
+        return f"{scheme}+unix:///{name}?socket={path}"
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}/{name}"
+
+
+async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
+    exports = ExportTable()
+    exports.add(Export(config.export_name, backend, description=config.description,
+                       read_only=config.read_only, multi_conn=config.shared != 1))
+    server = Server(exports, max_connections=config.shared, persistent=config.persistent,
+                    handshake_limit=config.handshake_limit, tls=config.tls,
+                    tls_mode=config.tls_mode)
+    # the first signal: drain, flush, exit 0
+    handle_stop_signals(lambda: server.stopping, server.request_stop)
+    await server.start([sock])
+    await server.serve_until_stopped()
+
+
+def _fork() -> int | None:
+    """Fork; the parent gets the read end of a readiness pipe, the child ``None``."""
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        return read_fd
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    global _ready_fd
+    _ready_fd = write_fd
+    return None
+
+
+#: the child's end of the readiness pipe, until it has answered
+_ready_fd: int | None = None
+
+
+def _signal_ready() -> None:
+    global _ready_fd
+    if _ready_fd is not None:
+        os.write(_ready_fd, b"ok")
+        os.close(_ready_fd)
+        _ready_fd = None
+
+
+def _signal_failed(message: str) -> None:
+    global _ready_fd
+    if _ready_fd is not None:
+        os.write(_ready_fd, b"error:" + message.encode()[:_FAILURE_MESSAGE_MAX])
+        os.close(_ready_fd)
+        _ready_fd = None
+
+
+def run(config: Config) -> int:
+    """Serve until stopped; return the exit status."""
+    setup_logging(config.verbose, "pynbd")
+    prepare_process()
+    # librados's threads do not survive fork(): with --fork, the child opens rbd images
+    defer_open = config.fork and config.image.startswith(RBD_PREFIX)
+    backend = None if defer_open else open_backend(config)
+    sock = bind_socket(config)
+    if config.print_uri:
+        print(export_uri(config, sock), flush=True)
+    if config.fork:
+        ready = _fork()
+        if ready is not None:  # the parent: wait for the child, leave everything to it
+            answer = os.read(ready, READY_ANSWER_MAX)
+            if answer.startswith(b"error:"):
+                print(f"pynbd: {answer[6:].decode(errors='replace')}", file=sys.stderr)
+                os._exit(2)
+            os._exit(0 if answer == b"ok" else 1)
+    if backend is None:
+        try:
+            backend = open_backend(config)
+        except UsageError as err:
+            _signal_failed(str(err))
+            raise
+    try:
+        if config.pid_file:
+            write_pid_file(config.pid_file)
+        _signal_ready()
+        with asyncio.Runner(loop_factory=event_loop_factory(config.poll_max_ns)) as runner:
+            runner.run(_serve(config, backend, sock))
+    finally:
+        sock.close()
+        if config.socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(config.socket_path)
+        if config.pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(config.pid_file)
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``pynbd [options] IMAGE``: parse, serve, and return the exit status."""
+    try:
+        return run(parse_args(argv))
+    except UsageError as err:
+        print(f"pynbd: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,290 @@
+"""``pynbd [options] IMAGE``, the qemu-nbd compatible command: its options.
+
+Rules of this module: ``parse_args`` turns the command line into a frozen
+``Config`` or raises ``UsageError`` (one line, exit status 2) without touching
+the image or the network; only the TLS files are loaded, so that unusable
+credentials are a usage error.  ``pynbd.commands.run`` acts on the ``Config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..backends import parse_size
+from ..backends.faults import FaultRule, parse_fault_spec
+from ..cmdline import Parser, UsageError
+from ..proto.constants import MAX_STRING
+from ..proto.handshake import TlsMode
+from ..qmp.protocol import QMPError
+from ..qmp.schema import parse_keyval
+from ..server.polling import DEFAULT_POLL_MAX_NS
+from ..server.tls import (
+    AUTHZ_SIMPLE,
+    TLS_CREDS_X509,
+    TlsCredentials,
+    TlsError,
+    TlsObjectError,
+    TlsObjectProblem,
+    allowed_identities,
+    credentials_from_objects,
+)
+from .common import POLL_HELP, poll_max_ns_arg
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+DEFAULT_PORT = 10809
+MEMORY_PREFIX = "memory:"
+RBD_PREFIX = "rbd:"
+
+#: how this command words the TLS object errors (``{id}``: the object's id)
+_TLS_OBJECT_ERRORS = {
+    TlsObjectProblem.NOT_CREDENTIALS: "object {id!r} is not tls-creds-x509",
+    TlsObjectProblem.NOT_SERVER: "TLS credentials {id!r} are not for a server "
+                                 "(endpoint must be server)",
+    TlsObjectProblem.NO_DIR: "TLS credentials {id!r} need dir=DIR",
+    TlsObjectProblem.NOT_AUTHZ: "--tls-authz {id!r} must name an authz-simple object "
+                                "with identity=DN",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the command line decides."""
+
+    image: str
+    read_only: bool = False
+    shared: int = 1
+    persistent: bool = False
+    export_name: str = ""
+    description: str = ""
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    socket_path: str | None = None
+    fmt: str = "raw"
+    offset: int = 0
+    discard: str = "ignore"
+    fork: bool = False
+    pid_file: str | None = None
+    verbose: int = 0
+    print_uri: bool = False
+    handshake_limit: float = 10.0
+    tls: TlsCredentials | None = None
+    tls_mode: TlsMode = TlsMode.OFF
+    #: --fault specs, as given (parsed again for each backend: rules keep hit counts)
+    faults: tuple[str, ...] = ()
+    fault_seed: int | None = None
+    #: rbd images: "auto" (librbd passes the exclusive lock on demand) or "exclusive"
+    rbd_lock: str = "auto"
+    #: the event loop's adaptive polling limit (0: never poll)
+    poll_max_ns: int = DEFAULT_POLL_MAX_NS
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0-65535")
+    return value
+
+
+def _shared(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shared connection count {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"shared connection count {value} is negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pynbd", description="Export a disk image over NBD "
+               "(command line compatible with qemu-nbd).")
+    p.add_argument("image", metavar="IMAGE",
+                   help="raw image file or block device, memory:SIZE for a RAM disk, or "
+                   "rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] for a Ceph RBD image")
+    p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    p.add_argument("-e", "--shared", type=_shared, default=1, metavar="NUM",
+                   help="allow NUM simultaneous clients (default 1, 0 = unlimited)")
+    p.add_argument("-t", "--persistent", action="store_true",
+                   help="keep serving after the last client disconnects")
+    p.add_argument("-x", "--export-name", default="", metavar="NAME",
+                   help='export name (default "")')
+    p.add_argument("-D", "--description", default="", metavar="TEXT",
+                   help="export description")
+    p.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT,
+                   help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("-b", "--bind", default="0.0.0.0", metavar="ADDR",
+                   help="address to listen on (default 0.0.0.0)")
+    p.add_argument("-k", "--socket", dest="socket_path", metavar="PATH",
+                   help="listen on a Unix socket instead of TCP")
+    p.add_argument("-f", "--format", dest="fmt", default="raw", metavar="FORMAT",
+                   help="image format (raw)")
+    p.add_argument("-o", "--offset", type=_nonneg_int, default=0,
+                   help="export the image starting at this byte offset")
+    p.add_argument("--discard", choices=("ignore", "unmap", "off", "on"), default="ignore",
+                   help="ignore (default) or unmap (pass trims to the image)")
+    p.add_argument("--rbd-lock", choices=("auto", "exclusive"), default="auto",
+                   help="rbd: images: auto (default; writers share the image, librbd passes "
+                   "its exclusive lock on demand) or exclusive (take the lock and keep it: "
+                   "the only writer, other gateways read-only)")
+    p.add_argument("--fork", action="store_true",
+                   help="run in the background once the server is ready")
+    p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
+    p.add_argument("--handshake-limit", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="drop clients that take longer to negotiate (0 = never)")
+    p.add_argument("--print-uri", action="store_true",
+                   help="print the NBD URI of the export once listening")
+    p.add_argument("--object", action="append", default=[], metavar="SPEC",
+                   help="tls-creds-x509,id=ID,dir=DIR[,verify-peer=on] or "
+                   "authz-simple,id=ID,identity=DN (as qemu-nbd)")
+    p.add_argument("--tls-creds", metavar="ID|DIR",
+                   help="TLS credentials: an --object id, or a directory with ca-cert.pem, "
+                   "server-cert.pem and server-key.pem")
+    p.add_argument("--tls-authz", metavar="ID",
+                   help="only allow client certificates named by this authz-simple object")
+    p.add_argument("--tls", choices=("off", "on", "require"), dest="tls_mode",
+                   help="TLS off, optional (on) or required (default with --tls-creds)")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by the CA")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject faults (testing): cmd=read|write|flush|trim|zero|"
+                   "block-status|cache|all (join several with +), errno=NAME, rate=0..1, "
+                   "range=START-END, count=N, delay=SECONDS, seed=N; e.g. "
+                   "cmd=read,errno=EIO,rate=0.5; may be repeated")
+    p.add_argument("--fault-seed", type=int, metavar="N",
+                   help="seed for the --fault rates (default: random, shown with -v)")
+    p.add_argument("--poll-max-ns", type=poll_max_ns_arg, default=DEFAULT_POLL_MAX_NS,
+                   metavar="NS", help=POLL_HELP)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+    p.add_argument("-V", "--version", action="version", version=f"pynbd {__version__}")
+    return p
+
+
+def _parse_objects(specs: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """qemu's ``--object TYPE,id=ID,key=value,...`` (",," is a literal comma)."""
+    objects: dict[str, tuple[str, dict[str, Any]]] = {}
+    for spec in specs:
+        kind, _, rest = spec.partition(",")
+        if kind.startswith("qom-type="):
+            kind = kind[len("qom-type="):]
+        try:
+            props = parse_keyval(rest)
+        except QMPError as err:
+            raise UsageError(f"--object {spec}: {err.desc}") from None
+        object_id = props.pop("id", None)
+        if not isinstance(object_id, str) or not object_id:
+            raise UsageError(f"--object {spec}: parameter 'id' is missing")
+        if kind not in (TLS_CREDS_X509, AUTHZ_SIMPLE):
+            raise UsageError(f"--object {spec}: unsupported object type {kind!r}")
+        if object_id in objects:
+            raise UsageError(f"--object {spec}: duplicate id {object_id!r}")
+        objects[object_id] = (kind, props)
+    return objects
+
+
+def _tls_credentials(ns: argparse.Namespace) -> TlsCredentials:
+    """``--tls-creds`` (an object id or a directory) with ``--tls-authz``."""
+    objects = _parse_objects(ns.object)
+    verify = bool(ns.tls_verify_peer)
+    try:
+        if ns.tls_creds in objects:
+            creds = credentials_from_objects(objects, ns.tls_creds, ns.tls_authz,
+                                             verify_peer=verify)
+        elif os.path.isdir(ns.tls_creds):
+            allowed = (None if ns.tls_authz is None
+                       else allowed_identities(objects, ns.tls_authz))
+            creds = TlsCredentials(ns.tls_creds, verify_peer=verify, allowed_dns=allowed)
+        else:
+            raise UsageError(f"--tls-creds {ns.tls_creds!r} is neither an --object id nor "
+                             "a directory")
+    except TlsObjectError as err:
+        wording = _TLS_OBJECT_ERRORS.get(err.problem)  # None: worded as the error is
+        message = str(err) if wording is None else wording.format(id=err.object_id)
+        raise UsageError(message) from None
+    try:
+        creds.server_context()
+    except TlsError as err:
+        raise UsageError(f"TLS credentials: {err}") from None
+    return creds
+
+
+def _tls_settings(ns: argparse.Namespace) -> tuple[TlsCredentials | None, TlsMode]:
+    creds: TlsCredentials | None = None
+    if ns.tls_creds is not None:
+        creds = _tls_credentials(ns)
+    else:
+        _parse_objects(ns.object)
+        if ns.tls_authz is not None or ns.tls_verify_peer:
+            raise UsageError("--tls-authz and --tls-verify-peer need --tls-creds")
+    mode = TlsMode(ns.tls_mode) if ns.tls_mode else (
+        TlsMode.REQUIRE if creds else TlsMode.OFF)
+    if mode is not TlsMode.OFF and creds is None:
+        raise UsageError(f"--tls={mode.value} needs --tls-creds")
+    if mode is TlsMode.OFF:
+        creds = None
+    return creds, mode
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """Turn the command line into a ``Config``; raise ``UsageError`` on bad input."""
+    ns = build_parser().parse_args(argv)
+    if ns.fmt != "raw":
+        raise UsageError(f"unsupported image format {ns.fmt!r} (only raw is supported)")
+    if ns.socket_path is not None and not ns.socket_path:
+        raise UsageError("socket path must not be empty")
+    discard = {"off": "ignore", "on": "unmap"}.get(ns.discard, ns.discard)
+    tls, tls_mode = _tls_settings(ns)
+    for label, text in (("export name", ns.export_name), ("description", ns.description)):
+        if len(text.encode("utf-8")) > MAX_STRING:
+            raise UsageError(f"{label} is longer than {MAX_STRING} bytes")
+    fault_rules(ns.fault)
+    if ns.fault_seed is not None and not ns.fault:
+        raise UsageError("--fault-seed needs --fault")
+    return Config(
+        image=ns.image, read_only=ns.read_only, shared=ns.shared, persistent=ns.persistent,
+        export_name=ns.export_name, description=ns.description, port=ns.port,
+        bind=ns.bind, socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
+        rbd_lock=ns.rbd_lock, discard=discard, fork=ns.fork, pid_file=ns.pid_file,
+        verbose=ns.verbose,
+        print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
+        tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed,
+        poll_max_ns=ns.poll_max_ns)
+
+
+def fault_rules(specs: Sequence[str]) -> list[FaultRule]:
+    """The ``--fault`` specs as rules; ``UsageError`` names a bad one."""
+    rules = []
+    for spec in specs:
+        try:
+            rules.append(parse_fault_spec(spec))
+        except ValueError as err:
+            raise UsageError(f"--fault {spec}: {err}") from None
+    return rules
