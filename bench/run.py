@@ -40,16 +40,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 # the throwaway Ceph cluster for the rbd column (this script runs from bench/)
 import rbdcluster
 
-from pynbd.backends import parse_size
+from pynbd.block import parse_size
 
 _S = TypeVar("_S")
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-ALL_SERVERS = ("pynbd", "qemu-nbd", "nbdkit", "nbd-server")
-HAS_MEMORY = ("pynbd", "nbdkit")  # the others get a fresh sparse raw file instead
-HAS_RBD = ("pynbd", "qemu-nbd")  # nbdkit and nbd-server have no RBD support here
+#: "pynbd-base" is pynbd from another checkout (``--baseline DIR``), for A/B runs
+ALL_SERVERS = ("pynbd", "qemu-nbd", "nbdkit", "nbd-server", "pynbd-base")
+HAS_MEMORY = ("pynbd", "nbdkit", "pynbd-base")  # the others get a fresh sparse raw file
+HAS_RBD = ("pynbd", "qemu-nbd", "pynbd-base")  # nbdkit and nbd-server: no RBD support here
+#: the checkout "pynbd-base" runs from (set by ``--baseline``)
+BASELINE: Path | None = None
 ALL_BACKENDS = ("file", "memory", "rbd")
 DEFAULT_BACKENDS = ("file", "memory")
 RBD_IMAGE = "bench"  # the image every rbd server exports, in the cluster's pool
@@ -185,7 +188,7 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
     rbd: neither server gets ``--discard`` (both ignore trims); qemu-nbd's
     ``--cache=none`` turns librbd's client cache off, as pynbd does by default.
     """
-    if name == "pynbd":
+    if name in ("pynbd", "pynbd-base"):
         image = f"memory:{size}" if backend == "memory" else target
         return [sys.executable, "-m", "pynbd", "-t", "-e", "0", "-k", str(sock), image]
     if name == "qemu-nbd" and backend == "rbd":
@@ -204,6 +207,14 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
     return ["nbd-server", "-C", str(config), "-p", str(workdir / f"nbd-server-{tag}.pid")]
 
 
+def server_env(name: str) -> dict[str, str] | None:
+    """The environment of server ``name``: pynbd-base imports pynbd from the baseline."""
+    if name != "pynbd-base":
+        return None
+    assert BASELINE is not None
+    return {**os.environ, "PYTHONPATH": str(BASELINE / "src")}
+
+
 def start_server(name: str, backend: str, target: str, size: int, workdir: Path,
                  tag: str, osd_pid: int | None = None) -> Server:
     """Start one server and return once ``nbdinfo`` sees the export with the right size."""
@@ -213,7 +224,7 @@ def start_server(name: str, backend: str, target: str, size: int, workdir: Path,
     cmd = server_command(name, backend, target, size, sock, workdir, tag)
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=fh,
-                                start_new_session=True)
+                                start_new_session=True, env=server_env(name))
     export = "bench" if name == "nbd-server" else ""
     server = Server(name, backend, f"nbd+unix:///{export}?socket={sock}", proc.pid, proc, log,
                     osd_pid)
@@ -611,6 +622,7 @@ def environment(servers: list[str], rbd: bool = False) -> dict[str, Any]:
         return ((done.stdout + done.stderr).strip().splitlines() or ["unknown"])[0]
 
     commands = {"pynbd": [sys.executable, "-m", "pynbd", "-V"], "qemu-nbd": ["qemu-nbd", "-V"],
+                "pynbd-base": ["git", "-C", str(BASELINE), "rev-parse", "--short", "HEAD"],
                 "nbdkit": ["nbdkit", "--version"], "nbd-server": ["nbd-server", "-V"],
                 "fio": ["fio", "--version"], "nbdcopy": ["nbdcopy", "--version"],
                 "pynbd-commit": ["git", "-C", str(Path(__file__).resolve().parent.parent),
@@ -650,11 +662,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=_csv(ALL_JOBS), default=list(ALL_JOBS))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tmpdir", help="where the image and sockets go (default: system temp)")
+    p.add_argument("--baseline", type=Path, metavar="DIR",
+                   help="a checkout of pynbd to run as server pynbd-base, for A/B runs "
+                   "(e.g. git worktree add DIR REV; then --servers pynbd,pynbd-base)")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.runtime = args.runtime or (3 if args.quick else 10)
     if args.rounds < 1 or args.runtime < 1 or args.size < 16 * MIB or args.size % MIB:
         p.error("rounds and runtime must be >= 1, size a multiple of 1M and >= 16M")
+    if ("pynbd-base" in args.servers) != (args.baseline is not None):
+        p.error("--baseline DIR and the server pynbd-base go together")
+    if args.baseline is not None and not (args.baseline / "src" / "pynbd").is_dir():
+        p.error(f"--baseline {args.baseline}: no src/pynbd there")
     return args
 
 
@@ -801,9 +820,11 @@ def write_json(args: argparse.Namespace, rows: list[dict[str, Any]],
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BASELINE
     args = parse_args(argv)
+    BASELINE = args.baseline.resolve() if args.baseline is not None else None
     missing = [t for t in ("fio", "nbdcopy", "nbdinfo", *args.servers)
-               if t != "pynbd" and shutil.which(t) is None]
+               if t not in ("pynbd", "pynbd-base") and shutil.which(t) is None]
     if "rbd" in args.backends:
         missing += rbdcluster.missing_requirements()
     if missing:

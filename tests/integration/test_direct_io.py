@@ -22,23 +22,24 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.support.inprocess import serving
 
-from pynbd.backends import MemoryBackend
-from pynbd.backends.memory import INLINE_MAX
+from pynbd.block import FastPaths, MemoryNode
+from pynbd.block.memory import INLINE_MAX
 from pynbd.client import NBDClient, RequestError
-from pynbd.server.connection import DIRECT_BATCH_BYTES, Connection
+from pynbd.server.connection import Connection
+from pynbd.server.fastpath import DIRECT_BATCH_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from pynbd.backends.base import ReadDone, WriteDone
+    from pynbd.block.node import ReadDone, WriteDone
 
 MIB = 1 << 20
 SIZE = 8 * MIB
 TIMEOUT = 30.0
 
 
-class ThreadedBackend(MemoryBackend):
+class ThreadedBackend(MemoryNode):
     """Completes reads and writes after a hop through another thread, like librbd's aio.
 
     The work itself runs on the loop's thread (the memory store is not thread
@@ -49,17 +50,18 @@ class ThreadedBackend(MemoryBackend):
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
-        # like rbd: no inline reads, no block-status probe before large reads (so they
-        # come here too), I/O that completes by itself
-        self.capabilities = dataclasses.replace(self.capabilities, sparse_reads=False,
-                                                inline_reads=False, direct_io=True,
-                                                sendfile_reads=False)
+        # like rbd: no block-status probe before large reads (so they come here too)
+        self.capabilities = dataclasses.replace(self.capabilities, sparse_reads=False)
         self.started = {"read": 0, "write": 0}
         #: set once 8 writes have started
         self.in_flight = asyncio.Event()
         #: offsets whose direct requests fail with this errno
         self.fail: dict[int, int] = {}
         self.pwrite_calls = 0
+
+    def fast_paths(self) -> FastPaths:
+        """Like rbd: no inline or sendfile paths, only I/O that completes by itself."""
+        return FastPaths(start_read=self.start_read, start_write=self.start_write)
 
     @staticmethod
     def _later(work: Callable[[], None]) -> None:
@@ -99,17 +101,17 @@ class ThreadedBackend(MemoryBackend):
         self._later(work)
         return True
 
-    # MemoryBackend's own store, in pieces its nowait methods take at once (the
+    # MemoryNode's own store, in pieces its nowait methods take at once (the
     # overrides below refuse on purpose)
     def _read_now(self, buf: memoryview, offset: int) -> None:
         for pos in range(0, len(buf), INLINE_MAX):
             piece = buf[pos:pos + INLINE_MAX]
-            assert MemoryBackend.pread_nowait(self, piece, offset + pos)
+            assert MemoryNode.pread_nowait(self, piece, offset + pos)
 
     def _write_now(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data).cast("B")
         for pos in range(0, len(view), INLINE_MAX):
-            assert MemoryBackend.pwrite_nowait(self, view[pos:pos + INLINE_MAX], offset + pos)
+            assert MemoryNode.pwrite_nowait(self, view[pos:pos + INLINE_MAX], offset + pos)
 
     # the task path (sparse reads, FUA writes)
     async def pread(self, buf: memoryview, offset: int) -> None:
@@ -218,7 +220,7 @@ def test_server_stop_waits_for_direct_requests(tmp_path: Path) -> None:
             assert len(done) >= 8, results  # in flight at the stop: answered
             for i, result in enumerate(results, start=1):
                 if result is None:
-                    assert MemoryBackend.pread_nowait(backend, memoryview(buf := bytearray(4096)),
+                    assert MemoryNode.pread_nowait(backend, memoryview(buf := bytearray(4096)),
                                                       i * 4096)
                     assert buf == bytes([i]) * 4096
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pynbd.backends import MemoryBackend
+from pynbd.block import MemoryNode
 from pynbd.client import NBDClient
 from pynbd.server import Export, ExportTable, Server
 
@@ -40,7 +40,7 @@ SIZE = BLOCK * BLOCKS
 WRITERS = 3
 
 
-class PowerLossBackend(MemoryBackend):
+class PowerLossBackend(MemoryNode):
     """Writes stay volatile until flushed; ``crash_image`` is what survives."""
 
     def __init__(self, size: int) -> None:
@@ -67,7 +67,7 @@ class PowerLossBackend(MemoryBackend):
     def _persist(self, blocks: Any) -> None:
         for index in blocks:
             buf = bytearray(BLOCK)
-            MemoryBackend.pread_nowait(self, memoryview(buf), index * BLOCK)
+            MemoryNode.pread_nowait(self, memoryview(buf), index * BLOCK)
             self.durable[index * BLOCK:(index + 1) * BLOCK] = buf
             self.dirty.discard(index)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tests.support.inprocess import open_raw, serving
 
-from pynbd.backends import MemoryBackend
+from pynbd.block import MemoryNode
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     REQUEST_MAGIC,
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 TIMEOUT = 10.0
 
 
-class HeldBackend(MemoryBackend):
+class HeldBackend(MemoryNode):
     """A memory disk whose reads and writes wait until the test releases them.
 
     Calls at offsets in ``slow`` go through the async path and block on
@@ -59,12 +59,12 @@ class HeldBackend(MemoryBackend):
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         await self._hold(offset)
-        MemoryBackend.pread_nowait(self, buf, offset)
+        MemoryNode.pread_nowait(self, buf, offset)
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
                      fua: bool = False) -> None:
         await self._hold(offset)
-        MemoryBackend.pwrite_nowait(self, data, offset)
+        MemoryNode.pwrite_nowait(self, data, offset)
 
 
 class RawClient:
@@ -171,7 +171,7 @@ def test_shutdown_reports_requests_storage_keeps_and_gives_up_after_the_grace(
 def test_a_quick_shutdown_says_nothing(tmp_path: Path,
                                        caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        async with serving(tmp_path, MemoryBackend(1 << 20)) as (server, path):
+        async with serving(tmp_path, MemoryNode(1 << 20)) as (server, path):
             client = await RawClient.connect(path)
             client.send(Cmd.READ, 1, 0, 512)
             assert await client.reply(512) == (1, 0, bytes(512))
@@ -231,7 +231,7 @@ def test_replies_may_overtake_a_slow_request(tmp_path: Path) -> None:
 
 def test_handshake_limit_drops_a_silent_client(tmp_path: Path) -> None:
     async def body() -> None:
-        async with serving(tmp_path, MemoryBackend(1 << 20),
+        async with serving(tmp_path, MemoryNode(1 << 20),
                            handshake_limit=0.3) as (_server, path):
             reader, writer = await asyncio.open_unix_connection(path)
             await reader.readexactly(wire.GREETING.size)

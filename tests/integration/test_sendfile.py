@@ -1,7 +1,7 @@
 """Large reads of a file or memory export go out with sendfile, whole and in order.
 
-A server runs in-process over a ``FileBackend``, a ``MemoryBackend`` (a memfd),
-or a file seen through ``OffsetBackend`` (``-o``) or ``FaultBackend`` (every
+A server runs in-process over a ``FileNode``, a ``MemoryNode`` (a memfd),
+or a file seen through ``RawNode`` (``-o``) or ``FaultFilter`` (every
 node of ``pynbd daemon``); a raw client floods it with
 1 MiB reads it does not collect at first, so the socket fills up part way
 through a reply (the rest is then queued the ordinary way), and checks every
@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING
 import pytest
 from tests.support.inprocess import open_raw, serving
 
-from pynbd.backends import Backend, FileBackend, MemoryBackend, OffsetBackend, fileio
-from pynbd.backends.faults import FaultBackend, parse_fault_spec
+from pynbd.block import FileNode, MemoryNode, Node, RawNode, fileio
+from pynbd.block.graph import close_subtree
+from pynbd.block.faults import FaultFilter, parse_fault_spec
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     Cmd,
 )
-from pynbd.server import connection
+from pynbd.server import fastpath
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -51,26 +52,26 @@ def make_file(tmp_path: Path) -> tuple[str, bytes]:
 WINDOW = 5000
 
 
-async def open_backend(kind: str, tmp_path: Path) -> tuple[Backend, bytes]:
-    """The backend to serve and the bytes it must show."""
+async def open_backend(kind: str, tmp_path: Path) -> tuple[Node, bytes]:
+    """The node to serve and the bytes it must show."""
     image, content = make_file(tmp_path)
     if kind == "memory":
-        memory = MemoryBackend(SIZE)
+        memory = MemoryNode(SIZE)
         await memory.pwrite(content, 0)
         return memory, content
     if kind == "file-offset":
-        return OffsetBackend(FileBackend(image), WINDOW), content[WINDOW:]
+        return RawNode(FileNode(image), offset=WINDOW), content[WINDOW:]
     if kind == "file-faults":  # a rule that never picks a read
-        return FaultBackend(FileBackend(image), [parse_fault_spec("cmd=flush,errno=EIO")]), \
+        return FaultFilter(FileNode(image), [parse_fault_spec("cmd=flush,errno=EIO")]), \
             content
-    return FileBackend(image), content
+    return FileNode(image), content
 
 
 @pytest.mark.parametrize("kind", ["file", "memory", "file-offset", "file-faults"])
 def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    backend_class: type[FileBackend | MemoryBackend] = (
-        MemoryBackend if kind == "memory" else FileBackend)
+    backend_class: type[FileNode | MemoryNode] = (
+        MemoryNode if kind == "memory" else FileNode)
     calls = {"sendfile": 0, "rest": 0, "copied": 0}
     real_sendfile = os.sendfile
 
@@ -85,10 +86,10 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
         calls["rest"] += 1
         real_rest(fd, buf, offset)
 
-    monkeypatch.setattr(connection, "pread_all", counting_rest)
+    monkeypatch.setattr(fastpath, "pread_all", counting_rest)
     real_nowait = backend_class.pread_nowait
 
-    def counting_nowait(self: FileBackend | MemoryBackend, buf: memoryview,
+    def counting_nowait(self: FileNode | MemoryNode, buf: memoryview,
                         offset: int) -> bool:
         if len(buf) >= 64 * 1024:
             calls["copied"] += 1
@@ -123,7 +124,7 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
                     assert data == content[offset:offset + length], cookie
                 writer.close()
         finally:
-            await backend.close()
+            await close_subtree(backend)
 
     async def bounded() -> None:
         async with asyncio.timeout(TIMEOUT):
@@ -138,30 +139,30 @@ def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
 
 
 @pytest.fixture
-def cached(tmp_path: Path) -> Iterator[tuple[str, FileBackend]]:
-    """A cached image file and a ``FileBackend`` on it (skips without cachestat(2))."""
+def cached(tmp_path: Path) -> Iterator[tuple[str, FileNode]]:
+    """A cached image file and a ``FileNode`` on it (skips without cachestat(2))."""
     image, _ = make_file(tmp_path)
-    backend = FileBackend(image)
+    backend = FileNode(image)
     try:
-        if backend.sendfile_source(0, MIB) is None:
+        if backend.sendfile_source(0, MIB, False) is None:
             pytest.skip("this kernel has no cachestat(2)")
         yield image, backend
     finally:
         asyncio.run(backend.close())
 
 
-def test_sendfile_source_only_for_cached_data(cached: tuple[str, FileBackend]) -> None:
+def test_sendfile_source_only_for_cached_data(cached: tuple[str, FileNode]) -> None:
     image, backend = cached
-    assert backend.sendfile_source(MIB, MIB, data_only=True) == (backend._fd, MIB)
-    assert backend.sendfile_source(SIZE - 4096, 8192) is None  # past the end
+    assert backend.sendfile_source(MIB, MIB, True) == (backend._fd, MIB)
+    assert backend.sendfile_source(SIZE - 4096, 8192, False) is None  # past the end
     # a hole: cached (it reads as zeroes) but not data
     os.truncate(image, SIZE + 4 * MIB)
     with open(image, "rb") as fh:
         fh.seek(SIZE)
         fh.read(4 * MIB)
-    grown = FileBackend(image)
+    grown = FileNode(image)
     try:
-        assert grown.sendfile_source(SIZE, MIB, data_only=True) is None
+        assert grown.sendfile_source(SIZE, MIB, True) is None
         # out of the page cache: no sendfile (it could block on the disk)
         fd = os.open(image, os.O_RDONLY)
         try:
@@ -169,19 +170,21 @@ def test_sendfile_source_only_for_cached_data(cached: tuple[str, FileBackend]) -
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        assert grown.sendfile_source(2 * MIB, MIB) is None
+        assert grown.sendfile_source(2 * MIB, MIB, False) is None
     finally:
         asyncio.run(grown.close())
 
 
-def test_wrappers_pass_the_sendfile_source_through(cached: tuple[str, FileBackend]) -> None:
+def test_filters_pass_the_sendfile_source_through(cached: tuple[str, FileNode]) -> None:
     _, backend = cached
-    window = OffsetBackend(backend, WINDOW)
-    assert window.capabilities.sendfile_reads
-    assert window.sendfile_source(MIB, MIB) == (backend._fd, WINDOW + MIB)
-    faults = FaultBackend(backend, [parse_fault_spec("cmd=write,errno=EIO")])
-    assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)
-    # a read that a rule may pick must take the path where the rule applies
+    window = RawNode(backend, offset=WINDOW).fast_paths().sendfile_source
+    assert window is not None
+    assert window(MIB, MIB, False) == (backend._fd, WINDOW + MIB)
+    faults = FaultFilter(backend, [parse_fault_spec("cmd=write,errno=EIO")])
+    source = faults.fast_paths().sendfile_source  # resolved once, as a connection does
+    assert source is not None
+    assert source(MIB, MIB, False) == (backend._fd, MIB)
+    # a read that a rule added later may pick must take the path where the rule applies
     faults.add_rule(parse_fault_spec("cmd=read,errno=EIO,range=0-4096"))
-    assert faults.sendfile_source(0, MIB) is None
-    assert faults.sendfile_source(MIB, MIB) == (backend._fd, MIB)
+    assert source(0, MIB, False) is None
+    assert source(MIB, MIB, False) == (backend._fd, MIB)

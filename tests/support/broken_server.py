@@ -27,18 +27,20 @@ import signal
 import socket
 import sys
 
-from pynbd.backends import MemoryBackend, parse_size
-from pynbd.backends.base import Backend, Extent, ExtentFlags
+from pynbd.block import MemoryNode, parse_size
+from pynbd.block.node import Extent, ExtentFlags, Node
 from pynbd.server import Export, ExportTable, Server
 from pynbd.server.connection import Connection
 
 SECTOR = 512
 
 
-class PrivateCache(Backend):
+class PrivateCache(Node):
     """A write-back cache private to one connection, in front of the shared store."""
 
-    def __init__(self, store: Backend, *, enabled: bool) -> None:
+    driver = "x-private-cache"
+
+    def __init__(self, store: Node, *, enabled: bool) -> None:
         self.store = store
         self.size = store.size
         self.capabilities = dataclasses.replace(store.capabilities, can_extents=False)
@@ -129,7 +131,7 @@ class CachingConnection(Connection):
         if value is None:
             self._private_export: Export | None = None
             return
-        cache = PrivateCache(value.backend, enabled=self.cache_enabled)
+        cache = PrivateCache(value.node, enabled=self.cache_enabled)
         self._private_export = Export(value.name, cache, description=value.description,
                                       multi_conn=value.multi_conn)
 
@@ -150,7 +152,7 @@ def main() -> int:
 
     async def serve() -> None:
         table = ExportTable()
-        table.add(Export("", MemoryBackend(size), multi_conn=True))
+        table.add(Export("", MemoryNode(size), multi_conn=True))
         server = Server(table, max_connections=0, persistent=True)
         server.connection_class = CachingConnection
         loop = asyncio.get_running_loop()

@@ -19,11 +19,11 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-    from pynbd.backends import Backend
+    from pynbd.block import Node
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, backend: Backend,
+async def serving(tmp_path: Path, backend: Node,
                   **server_args: Any) -> AsyncIterator[tuple[Server, str]]:
     """Serve ``backend`` as the default export (multi-conn, no connection limit) on a
     Unix socket in ``tmp_path``; yields the server and the socket's path."""

@@ -16,16 +16,18 @@ import logging
 import os
 import sys
 import urllib.parse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..backends import FileBackend, MemoryBackend, OffsetBackend, parse_size
-from ..backends.faults import FaultBackend
+from ..block.blockdev import BlockdevError, add_all, build
+from ..block.faults import FaultFilter
+from ..block.graph import BlockGraph
+from ..block.sizes import parse_size
 from ..cmdline import UsageError
 from ..proto.handshake import TlsMode
 from ..server import Export, ExportTable, Server
 from ..server.listen import listen_tcp, listen_unix
 from ..server.polling import event_loop_factory
-from ..server.runtime import handle_stop_signals
+from ..server.runtime import handle_stop_signals, wait_at_stop
 from .common import prepare_process, setup_logging, write_pid_file
 from .serve import MEMORY_PREFIX, RBD_PREFIX, Config, fault_rules, parse_args
 
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import Sequence
 
-    from ..backends.base import Backend
+    from ..block.node import Node
 
 #: the parent reads the child's answer (b"ok" or b"error:" MESSAGE) in one read of
 #: this size; a pipe write up to this size (PIPE_BUF) is atomic
@@ -42,45 +44,57 @@ READY_ANSWER_MAX = 4096
 _FAILURE_MESSAGE_MAX = 4000
 
 
-def _open_rbd(config: Config) -> Backend:
-    from ..backends.rbd import RbdBackend, RbdSpecError, RbdUnavailable, parse_rbd_filename
-
-    try:
-        spec = parse_rbd_filename(config.image)
-        return RbdBackend(spec, read_only=config.read_only, lock=config.rbd_lock,
-                          discard=config.discard == "unmap")
-    except (RbdSpecError, RbdUnavailable) as err:
-        raise UsageError(str(err)) from None
-    except OSError as err:
-        raise UsageError(str(err.strerror)) from None
-
-
-def open_backend(config: Config) -> Backend:
-    """Open the image the config names; ``UsageError`` for a bad spec."""
-    backend: Backend
+def blockdev_options(config: Config) -> dict[str, Any]:
+    """The nodes qemu-nbd would build for IMAGE, as blockdev options: a raw format
+    node (with ``-o``'s window) over the image's protocol node."""
+    read_only = config.read_only
+    discard = config.discard
+    protocol: dict[str, Any]
     if config.image.startswith(MEMORY_PREFIX):
         try:
-            backend = MemoryBackend(parse_size(config.image[len(MEMORY_PREFIX):]))
+            size = parse_size(config.image[len(MEMORY_PREFIX):])
         except ValueError as err:
             raise UsageError(f"bad memory disk size: {err}") from None
+        protocol = {"driver": "memory", "size": size}
     elif config.image.startswith(RBD_PREFIX):
-        backend = _open_rbd(config)
-    else:
+        from ..block.rbdspec import RbdSpecError, parse_rbd_filename
+
         try:
-            backend = FileBackend(config.image, read_only=config.read_only,
-                                  discard=config.discard == "unmap")
-        except OSError as err:
-            raise UsageError(f"cannot open {config.image!r}: {err.strerror}") from None
-    if config.offset:
-        try:
-            backend = OffsetBackend(backend, config.offset)
-        except ValueError as err:
+            spec = parse_rbd_filename(config.image)
+        except RbdSpecError as err:
             raise UsageError(str(err)) from None
+        protocol = {"driver": "rbd", "x-spec": spec, "x-lock": config.rbd_lock,
+                    "discard": discard}
+        read_only = read_only or spec.snapshot is not None  # a snapshot is served read-only
+    else:
+        protocol = {"driver": "file", "filename": config.image, "discard": discard}
+    options: dict[str, Any] = {"driver": "raw", "read-only": read_only,
+                               "file": {**protocol, "read-only": read_only}}
+    if config.offset:
+        options["offset"] = config.offset
+    return options
+
+
+def open_graph(config: Config) -> tuple[BlockGraph, Node]:
+    """Build the image's nodes (and ``--fault``'s filter over them); the graph and the
+    node to export.  ``UsageError`` (one line) if the image cannot be opened."""
+    graph = BlockGraph()
+    opened: list[Node] = []
+    try:
+        node = add_all(graph, build(graph, blockdev_options(config), opened))
+    except BlockdevError as err:
+        for each in reversed(opened):
+            asyncio.run(each.close())
+        if config.image.startswith(MEMORY_PREFIX):
+            raise UsageError(f"bad memory disk size: {err}") from None
+        raise UsageError(str(err)) from None
     if config.faults:
-        backend = FaultBackend(backend, fault_rules(config.faults), seed=config.fault_seed)
+        faults = FaultFilter(node, fault_rules(config.faults), seed=config.fault_seed)
+        graph.add(faults, graph.generated_name())
+        node = faults
         logging.getLogger("pynbd").info("fault injection: %d rule(s), seed %d",
-                                        len(config.faults), backend.seed)
-    return backend
+                                        len(config.faults), faults.seed)
+    return graph, node
 
 
 def bind_socket(config: Config) -> socket.socket:
@@ -109,9 +123,9 @@ def export_uri(config: Config, sock: socket.socket) -> str:
     return f"{scheme}://{host}:{port}/{name}"
 
 
-async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
+async def _serve(config: Config, graph: BlockGraph, node: Node, sock: socket.socket) -> None:
     exports = ExportTable()
-    exports.add(Export(config.export_name, backend, description=config.description,
+    exports.add(Export(config.export_name, node, description=config.description,
                        read_only=config.read_only, multi_conn=config.shared != 1))
     server = Server(exports, max_connections=config.shared, persistent=config.persistent,
                     handshake_limit=config.handshake_limit, tls=config.tls,
@@ -120,6 +134,8 @@ async def _serve(config: Config, backend: Backend, sock: socket.socket) -> None:
     handle_stop_signals(lambda: server.stopping, server.request_stop)
     await server.start([sock])
     await server.serve_until_stopped()
+    # the connections are gone: flush and close the storage, saying what keeps it waiting
+    await graph.close(wait_at_stop)
 
 
 def _fork() -> int | None:
@@ -165,7 +181,7 @@ def run(config: Config) -> int:
     prepare_process()
     # librados's threads do not survive fork(): with --fork, the child opens rbd images
     defer_open = config.fork and config.image.startswith(RBD_PREFIX)
-    backend = None if defer_open else open_backend(config)
+    opened = None if defer_open else open_graph(config)
     sock = bind_socket(config)
     if config.print_uri:
         print(export_uri(config, sock), flush=True)
@@ -177,9 +193,9 @@ def run(config: Config) -> int:
                 print(f"pynbd: {answer[6:].decode(errors='replace')}", file=sys.stderr)
                 os._exit(2)
             os._exit(0 if answer == b"ok" else 1)
-    if backend is None:
+    if opened is None:
         try:
-            backend = open_backend(config)
+            opened = open_graph(config)
         except UsageError as err:
             _signal_failed(str(err))
             raise
@@ -188,7 +204,7 @@ def run(config: Config) -> int:
             write_pid_file(config.pid_file)
         _signal_ready()
         with asyncio.Runner(loop_factory=event_loop_factory(config.poll_max_ns)) as runner:
-            runner.run(_serve(config, backend, sock))
+            runner.run(_serve(config, *opened, sock))
     finally:
         sock.close()
         if config.socket_path is not None:

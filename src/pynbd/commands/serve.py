@@ -14,8 +14,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..backends import parse_size
-from ..backends.faults import FaultRule, parse_fault_spec
+from ..block.faults import FaultRule, parse_fault_spec
+from ..block.sizes import parse_size
 from ..cmdline import Parser, UsageError
 from ..proto.constants import MAX_STRING
 from ..proto.handshake import TlsMode

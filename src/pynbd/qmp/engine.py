@@ -9,8 +9,8 @@ Rules of this module:
   sets (``COMMAND_SETS``); nothing is registered at import time.
 - Every command validates its arguments against its schema first; errors are
   ``QMPError`` with qemu's class and wording.
-- ``close`` stops the NBD server, waits for background work, flushes every
-  writable node and closes every backend (daemon exit).
+- ``close`` stops the NBD server, waits for background work, then closes the
+  block graph (final flush of every writable node, every node closed once).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..block.graph import BlockGraph
 from ..server import ExportTable
 from ..server.runtime import wait_at_stop
 from ..server.tls import TlsCredentials, TlsError
@@ -33,7 +34,8 @@ from .commands.objects import OBJECT_ADD
 from .protocol import QMPError, generic_error
 
 if TYPE_CHECKING:
-    from .state import ExportEntry, NbdServer, Node
+    from ..block.node import Node
+    from .state import ExportEntry, NbdServer
 
 __all__ = ["BLOCKDEV_ADD", "BLOCK_EXPORT_ADD", "COMMAND_SETS", "OBJECT_ADD", "Engine"]
 
@@ -62,14 +64,16 @@ class Engine:
 
     def __init__(self, emit: EventSink | None = None,
                  command_sets: Iterable[Iterable[Command]] = COMMAND_SETS) -> None:
-        self.nodes: dict[str, Node] = {}
+        #: the block nodes, by node-name
+        self.graph = BlockGraph()
+        #: held by commands that change the graph (a build runs off the loop)
+        self.graph_lock = asyncio.Lock()
         self.exports: dict[str, ExportEntry] = {}
         self.table = ExportTable()
         self.nbd: NbdServer | None = None
         self._emit = emit or (lambda name, data: None)
         self.quit_requested = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
-        self._implicit_names = 0
         #: user-creatable objects (object-add): id -> (qom-type, properties)
         self.objects: dict[str, tuple[str, dict[str, JSON]]] = {}
         #: the commands this engine runs, by name
@@ -122,23 +126,13 @@ class Engine:
             await self.stop_nbd()
         for task in list(self._background):
             await task
-        for node in list(self.nodes.values()):
-            if node.backend.capabilities.can_write and not node.read_only:
-                try:
-                    await wait_at_stop(node.backend.flush(),
-                                       f"the final flush of node {node.name!r}")
-                except OSError as err:
-                    log.error("flush of node %s failed: %s", node.name, err)
-        for node in self.nodes.values():
-            if node.child is None:  # a node over another closes nothing of its own
-                await wait_at_stop(node.backend.close(), f"node {node.name!r} to close")
-        self.nodes.clear()
+        await self.graph.close(wait_at_stop)
 
     # -- for the commands ---------------------------------------------------------
 
     def node(self, name: str) -> Node:
         """The node called ``name``; qemu's error if there is none."""
-        node = self.nodes.get(name)
+        node = self.graph.get(name)
         if node is None:
             raise generic_error(f"Cannot find device={name} nor node-name={name}")
         return node
@@ -146,16 +140,8 @@ class Engine:
     def users(self, node: Node) -> list[str]:
         """What uses ``node`` (exports, nodes over it), as error-message phrases."""
         users = [f"block export '{e.id}'" for e in self.exports.values() if e.node is node]
-        users += [f"node '{n.name}'" for n in self.nodes.values() if n.child is node]
+        users += [f"node '{n.node_name}'" for n in self.graph.parents(node)]
         return users
-
-    def implicit_node_name(self) -> str:
-        """A new name for an inline child given without one (``#block001``, ...).
-
-        The ``#`` keeps it out of the user's names (qemu's ``id_generate``).
-        """
-        self._implicit_names += 1
-        return f"#block{self._implicit_names:03d}"
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that ``close`` waits for."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Union
 
-from ..backends import parse_size
+from ..block.sizes import parse_size
 from .protocol import generic_error
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The records the QMP engine keeps: block nodes, block exports, the NBD server.
+"""The records the QMP engine keeps: block exports and the NBD server.
 
 Rules of this module: plain data, no behaviour.  The engine holds these
 records and the command modules (``pynbd.qmp.commands``) build them, so they
@@ -14,22 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import socket
 
-    from ..backends.base import Backend
+    from ..block.node import Node
     from ..server import Export, Server
-
-
-@dataclasses.dataclass
-class Node:
-    """A block node: a named backend, possibly layered over another node."""
-
-    name: str
-    driver: str
-    backend: Backend
-    read_only: bool
-    filename: str = ""
-    child: Node | None = None
-    #: an inline child given without a node-name: named by us, deleted with its parent
-    implicit: bool = False
 
 
 @dataclasses.dataclass

@@ -1,38 +1,43 @@
 """Exports: the shared object every connection to one name goes through.
 
 Rules of this module: an ``Export`` owns no per-connection state.  All
-connections of an export (and every export of the same backend) call the same
-backend object, so a completed write is visible to every other connection and
-one flush covers every connection's completed writes.  That is the whole basis
-of ``NBD_FLAG_CAN_MULTI_CONN``.
+connections of an export (and every export of the same node) call the same
+node of the block graph, so a completed write is visible to every other
+connection and one flush covers every connection's completed writes.  That is
+the whole basis of ``NBD_FLAG_CAN_MULTI_CONN``, which an export advertises
+when the server lets more than one client in and no node under the export
+keeps data private to a caller (``pynbd.block.graph.one_store``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pynbd.block.graph import one_store
 from pynbd.proto.constants import MAX_STRING, TransmissionFlag
 from pynbd.proto.negotiated import transmission_flags
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from pynbd.backends.base import Backend
+    from pynbd.block.node import FastPaths, Node
 
 
 class Export:
-    """One named export of a backend.
+    """One named export of a node.
 
     Args:
         name: the export name clients ask for ("" is the default export).
-        backend: the storage; shared, never copied per connection.
+        node: the node of the block graph it serves; shared, never copied per
+            connection.
         description: text for NBD_INFO_DESCRIPTION and LIST.
-        read_only: refuse write-type commands even if the backend can write.
+        read_only: refuse write-type commands even if the node can write.
         multi_conn: the server lets more than one client connect, so the
-            export may advertise CAN_MULTI_CONN (if the backend is consistent).
+            export may advertise CAN_MULTI_CONN (if every node under it keeps
+            one store).
     """
 
-    def __init__(self, name: str, backend: Backend, *, description: str = "",
+    def __init__(self, name: str, node: Node, *, description: str = "",
                  read_only: bool = False, multi_conn: bool = False) -> None:
         for label, text in (("export name", name), ("description", description)):
             if len(text.encode("utf-8")) > MAX_STRING:
@@ -41,9 +46,11 @@ class Export:
                 raise ValueError(f"{label} contains a NUL character")
         self._name = name
         self._description = description
-        self.backend = backend
-        self.read_only = read_only or not backend.capabilities.can_write
-        self.multi_conn = multi_conn
+        self.node = node
+        #: the node that does the I/O (``node`` itself unless it adds nothing)
+        self.io = node.resolve()
+        self.read_only = read_only or not node.capabilities.can_write
+        self.multi_conn = multi_conn and one_store(node)
         #: connections currently in the transmission phase on this export
         self.clients = 0
 
@@ -57,16 +64,20 @@ class Export:
 
     @property
     def size(self) -> int:
-        return self.backend.size
+        return self.node.size
+
+    def fast_paths(self) -> FastPaths:
+        """The fast paths a new connection may take (asked once per connection)."""
+        return self.io.fast_paths()
 
     def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
-        caps = self.backend.capabilities
+        caps = self.node.capabilities
         return transmission_flags(
             read_only=self.read_only,
             can_flush=caps.can_flush,
             can_fua=caps.can_fua,
             can_fast_zero=caps.can_fast_zero,
-            multi_conn=self.multi_conn and caps.can_multi_conn,
+            multi_conn=self.multi_conn,
             structured=structured,
         )
 
@@ -93,10 +104,3 @@ class ExportTable:
 
     def __iter__(self) -> Iterator[Export]:
         return iter(list(self._exports.values()))
-
-    def backends(self) -> list[Backend]:
-        """Each distinct backend once."""
-        seen: dict[int, Backend] = {}
-        for export in self._exports.values():
-            seen.setdefault(id(export.backend), export.backend)
-        return list(seen.values())

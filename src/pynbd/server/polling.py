@@ -31,7 +31,7 @@ import selectors
 import time
 from typing import TYPE_CHECKING
 
-from ..backends._pool import off_thread_pending
+from ..block._pool import off_thread_pending
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -7,11 +7,12 @@ Rules of this module:
 - Without ``persistent`` the server stops after its last client that finished
   negotiation leaves (qemu-nbd's rule).
 - Shutdown stops accepting, lets in-flight requests finish and reply (for up
-  to ``SHUTDOWN_GRACE``), closes connections, flushes every backend once, then
-  closes the backends.  The final flush and close are never cut short (they
+  to ``SHUTDOWN_GRACE``) and closes connections.  The storage is not the
+  server's: whoever built the block graph closes it after (the graph's final
+  flush and close, awaited with ``wait_at_stop``, are never cut short: they
   are what makes completed writes durable).  Storage that keeps any of these
-  waiting is reported on stderr (``wait_at_stop``): the signal handlers exit at
-  once on a second signal.
+  waiting is reported on stderr: the signal handlers exit at once on a
+  second signal.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def handle_stop_signals(stopping: Callable[[], bool], request_stop: Callable[[],
 class Server:
     """Serves an ``ExportTable`` on one or more listening sockets.
 
+    Each accepted socket is served by a ``Connection``, which sees the server
+    only as its ``ConnectionHost`` (``server.host``): the bookkeeping methods
+    ``admit`` ... ``client_finished`` and the handshake's settings below.
+
     Args:
         exports: the exports on offer; may change while the server runs.
         max_connections: simultaneous clients allowed; 0 means no limit.
@@ -141,20 +146,10 @@ class Server:
             self._servers.append(server)
 
     async def serve_until_stopped(self) -> None:
-        """Run until ``request_stop`` is called, then shut down in order.
-
-        Used by the plain ``pynbd IMAGE`` command, which owns its backends:
-        after the connections are gone every backend is flushed and closed.
-        """
+        """Run until ``request_stop`` is called, then close every connection
+        (in-flight requests finish first); the caller then closes its graph."""
         await self._stop.wait()
         await self.close()
-        for backend in self.exports.backends():
-            try:
-                if backend.capabilities.can_flush and backend.capabilities.can_write:
-                    await wait_at_stop(backend.flush(), "the final flush")
-            except OSError as err:
-                log.error("final flush failed: %s", err)
-            await wait_at_stop(backend.close(), "the storage to close")
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynbd.backends import MemoryBackend
+from pynbd.block import MemoryNode
 from pynbd.proto import wire
 from pynbd.proto.client import (
     ClientHandshake,
@@ -73,8 +73,8 @@ NEXT_PREFIX = wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 0xABCDEF)[:11]
 
 def catalog() -> ExportTable:
     table = ExportTable()
-    table.add(Export("disk", MemoryBackend(MiB), description="a disk", multi_conn=True))
-    table.add(Export("", MemoryBackend(4096)))
+    table.add(Export("disk", MemoryNode(MiB), description="a disk", multi_conn=True))
+    table.add(Export("", MemoryNode(4096)))
     return table
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pynbd.backends import MemoryBackend
+from pynbd.block import MemoryNode
 from pynbd.proto.constants import MAX_PAYLOAD, REQUEST_MAGIC, Cmd
 from pynbd.proto.events import InvalidRequest, Request
 from pynbd.proto.negotiated import Negotiated
@@ -30,7 +30,7 @@ STATES = [(ro, structured, meta, multi) for ro in (False, True) for structured i
 
 
 def core(read_only: bool, structured: bool, meta: bool, multi: bool) -> ServerTransmission:
-    export = Export("", MemoryBackend(SIZE), read_only=read_only, multi_conn=multi)
+    export = Export("", MemoryNode(SIZE), read_only=read_only, multi_conn=multi)
     negotiated = Negotiated(export=export,
                             flags=export.transmission_flags(structured=structured),
                             structured=structured,

@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from pynbd.backends import MemoryBackend
+from pynbd.block import MemoryNode
 from pynbd.proto import wire
 from pynbd.proto.constants import IHAVEOPT, ClientFlag, Opt, TransmissionFlag
 from pynbd.proto.events import HandshakeDone
@@ -92,8 +92,8 @@ def test_transmission_flags_rules(combo: tuple[bool, ...]) -> None:
 # -- pynbd.server.export.Export -------------------------------------------------------------
 
 
-def _backend(**caps: bool) -> MemoryBackend:
-    backend = MemoryBackend(1 << 20)
+def _backend(**caps: bool) -> MemoryNode:
+    backend = MemoryNode(1 << 20)
     backend.capabilities = dataclasses.replace(backend.capabilities, **caps)
     return backend
 
@@ -102,7 +102,7 @@ def _backend(**caps: bool) -> MemoryBackend:
 @pytest.mark.parametrize("structured", [False, True])
 def test_export_multi_conn_advertised_for_read_only_and_writable(
         read_only: bool, structured: bool) -> None:
-    export = Export("disk", MemoryBackend(1 << 20), read_only=read_only, multi_conn=True)
+    export = Export("disk", MemoryNode(1 << 20), read_only=read_only, multi_conn=True)
     flags = export.transmission_flags(structured=structured)
     assert flags & F.CAN_MULTI_CONN
     assert bool(flags & F.READ_ONLY) is read_only
@@ -116,7 +116,7 @@ def test_export_multi_conn_advertised_for_read_only_and_writable(
 @pytest.mark.parametrize("structured", [False, True])
 def test_export_without_multi_conn_never_advertises_it(read_only: bool,
                                                        structured: bool) -> None:
-    export = Export("disk", MemoryBackend(1 << 20), read_only=read_only, multi_conn=False)
+    export = Export("disk", MemoryNode(1 << 20), read_only=read_only, multi_conn=False)
     flags = export.transmission_flags(structured=structured)
     assert not flags & F.CAN_MULTI_CONN
     assert flags & F.HAS_FLAGS
@@ -147,8 +147,8 @@ def test_backend_capabilities_reach_the_flags() -> None:
 @pytest.mark.parametrize("multi_conn", [False, True])
 def test_export_flags_seen_through_a_real_handshake(multi_conn: bool) -> None:
     table = ExportTable()
-    table.add(Export("rw", MemoryBackend(1 << 20), multi_conn=multi_conn))
-    table.add(Export("ro", MemoryBackend(1 << 20), read_only=True, multi_conn=multi_conn))
+    table.add(Export("rw", MemoryNode(1 << 20), multi_conn=multi_conn))
+    table.add(Export("ro", MemoryNode(1 << 20), read_only=True, multi_conn=multi_conn))
     for name, flag_ro in ((b"rw", False), (b"ro", True)):
         core = ServerHandshake(table)
         core.receive_data(

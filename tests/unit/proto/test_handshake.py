@@ -16,7 +16,7 @@ import pytest
 from tests.support.fakes import FakeCatalog, FakeExport
 from tests.support.wire import option_replies as replies
 
-from pynbd.backends import MemoryBackend
+from pynbd.block import MemoryNode
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     BASE_ALLOCATION,
@@ -853,7 +853,7 @@ def test_error_messages_are_valid_utf8_within_the_string_limit() -> None:
 
 def test_real_exports_through_list_and_go() -> None:
     table = ExportTable()
-    shared = MemoryBackend(8 << 20)
+    shared = MemoryNode(8 << 20)
     table.add(Export("", shared, description="default", multi_conn=True))
     table.add(Export("snap", shared, description="read-only view", read_only=True))
     core = ServerHandshake(table)

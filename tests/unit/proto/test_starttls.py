@@ -16,7 +16,7 @@ import pytest
 from tests.support.wire import OptionReply as Reply
 from tests.support.wire import option_replies as parse_replies
 
-from pynbd.backends import MemoryBackend
+from pynbd.block import MemoryNode
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     BASE_ALLOCATION,
@@ -43,9 +43,9 @@ SECRET_DESCRIPTION = "hidden description"
 
 def catalog() -> ExportTable:
     table = ExportTable()
-    table.add(Export(SECRET, MemoryBackend(1 << 20), description=SECRET_DESCRIPTION,
+    table.add(Export(SECRET, MemoryNode(1 << 20), description=SECRET_DESCRIPTION,
                      multi_conn=True))
-    table.add(Export("", MemoryBackend(4096)))
+    table.add(Export("", MemoryNode(4096)))
     return table
 
 

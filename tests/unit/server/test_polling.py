@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pynbd.backends import _pool
+from pynbd.block import _pool
 from pynbd.server import polling
 from pynbd.server.polling import POLL_START_NS, PollingSelector, event_loop_factory
 

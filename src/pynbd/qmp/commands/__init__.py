@@ -15,10 +15,10 @@ Rules of this package:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from ...block.blockdev import id_wellformed
 from .. import schema as s
 
 if TYPE_CHECKING:
@@ -40,10 +40,4 @@ class Command:
 NO_ARGS = s.Struct({})
 NODE_NAME = s.Struct({"node-name": str})
 
-#: qemu's ``id_wellformed``: a letter, then letters, digits, '-', '.' or '_' (ASCII)
-_WELLFORMED = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
-
-
-def id_wellformed(name: str) -> bool:
-    """Whether ``name`` is a valid user-given id or node name, as qemu judges it."""
-    return _WELLFORMED.fullmatch(name) is not None
+__all__ = ["JSON", "NODE_NAME", "NO_ARGS", "Command", "Handler", "id_wellformed"]

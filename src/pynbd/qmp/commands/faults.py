@@ -1,15 +1,16 @@
 """Fault injection on block nodes: x-fault-add, x-fault-clear, x-query-faults.
 
-Rules of this module: rules go to the node's ``FaultBackend`` (every node has
-one, see ``commands.block``), so they act on exports already serving it.
+Rules of this module: rules go to the node's implicit ``FaultFilter`` (every
+node the daemon makes has one, see ``commands.block``), so they act on exports
+already serving it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...backends.faults import COMMANDS as FAULT_COMMANDS
-from ...backends.faults import FaultBackend, FaultRule, parse_errno
+from ...block.faults import COMMANDS as FAULT_COMMANDS
+from ...block.faults import FaultFilter, FaultRule, parse_errno
 from .. import schema as s
 from ..protocol import generic_error
 from . import JSON, NODE_NAME, Command
@@ -25,11 +26,11 @@ X_FAULT_ADD = s.Struct(
 X_FAULT_CLEAR = s.Struct({"node-name": str, "id": int}, frozenset({"id"}))
 
 
-def _fault_backend(engine: Engine, name: str) -> FaultBackend:
-    backend = engine.node(name).backend
-    if not isinstance(backend, FaultBackend):
+def _fault_backend(engine: Engine, name: str) -> FaultFilter:
+    node = engine.node(name)
+    if not isinstance(node, FaultFilter):
         raise generic_error(f"Node '{name}' does not support fault injection")
-    return backend
+    return node
 
 
 def _number(args: dict[str, JSON], key: str, default: float) -> float:

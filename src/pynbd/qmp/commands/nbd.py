@@ -120,14 +120,14 @@ async def _block_export_add(engine: Engine, args: dict[str, JSON]) -> JSON:
     if export_id in engine.exports:
         raise generic_error(f"Block export id '{export_id}' is already in use")
     node = engine.node(args["node-name"])
-    name = args.get("name", node.name)
+    name = args.get("name", node.node_name)
     if engine.table.lookup(name) is not None:
         raise generic_error(f"NBD server already has export named '{name}'")
     writable = bool(args.get("writable", False))
-    if writable and (node.read_only or not node.backend.capabilities.can_write):
+    if writable and not node.capabilities.can_write:
         raise generic_error("Cannot export read-only node as writable")
     try:
-        export = Export(name, node.backend, description=args.get("description", ""),
+        export = Export(name, node, description=args.get("description", ""),
                         read_only=not writable,
                         multi_conn=engine.nbd.server.multi_conn)
     except ValueError as err:
@@ -160,7 +160,7 @@ async def _finish_export_del(engine: Engine, entry: ExportEntry) -> None:
 
 
 async def _query_block_exports(engine: Engine, args: dict[str, JSON]) -> JSON:
-    return [{"id": e.id, "type": "nbd", "node-name": e.node.name,
+    return [{"id": e.id, "type": "nbd", "node-name": e.node.node_name,
              "shutting-down": e.shutting_down} for e in engine.exports.values()]
 
 

@@ -1,0 +1,144 @@
+"""The raw format node: the bytes of its ``file`` child, optionally a window of them.
+
+As qemu's raw driver: ``offset`` and ``size`` select a window of the child
+(``qemu-nbd -o`` builds one), and a raw node may be read-only over a writable
+child.
+
+Rules of this module:
+- Without a window (offset 0, the child's whole size) the node adds nothing:
+  ``resolve()`` is the child's, so an export over it talks to the storage
+  directly at no cost per request.
+- With a window every request is shifted by ``offset``, fast paths included,
+  and ``block_status`` never describes bytes outside the window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from .filter import FilterNode
+from .node import Extent, FastPaths, Node
+
+if TYPE_CHECKING:
+    from .node import Data, ReadDone, WriteDone
+
+
+class RawNode(FilterNode):
+    """Raw format over ``file``: bytes ``[offset, offset + size)`` of it.
+
+    Args:
+        file: the child node holding the bytes.
+        offset: where the window starts in ``file``.
+        size: the window's length; defaults to the rest of ``file``.
+        read_only: refuse writes even if ``file`` can write.
+
+    Raises:
+        ValueError: the window does not fit inside ``file``.
+    """
+
+    driver = "raw"
+
+    def __init__(self, file: Node, *, offset: int = 0, size: int | None = None,
+                 read_only: bool = False) -> None:
+        super().__init__(file)
+        if offset < 0 or offset > file.size:
+            raise ValueError(f"offset {offset} is outside the file (size {file.size})")
+        if size is None:
+            size = file.size - offset
+        if size < 0 or offset + size > file.size:
+            raise ValueError(f"a window of {size} bytes at offset {offset} does not fit "
+                             f"in the file (size {file.size})")
+        self.offset = offset
+        self.size = size
+        if read_only:
+            self.capabilities = dataclasses.replace(
+                file.capabilities, can_write=False, can_fua=False, can_trim=False,
+                can_fast_zero=False)
+
+    def __repr__(self) -> str:
+        return f"RawNode({self.child!r}, offset={self.offset}, size={self.size})"
+
+    @property
+    def windowed(self) -> bool:
+        return self.offset != 0 or self.size != self.child.size
+
+    def resolve(self) -> Node:
+        return self if self.windowed else self.child.resolve()
+
+    def fast_paths(self) -> FastPaths:
+        inner = self.child.resolve().fast_paths()
+        if not self.windowed:
+            return inner
+        return _shifted(inner, self.offset)
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        await self.child.pread(buf, self.offset + offset)
+
+    async def pwrite(self, data: Data, offset: int, *, fua: bool = False) -> None:
+        await self.child.pwrite(data, self.offset + offset, fua=fua)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.child.trim(self.offset + offset, length, fua=fua)
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
+                           fast: bool = False, fua: bool = False) -> None:
+        await self.child.write_zeroes(self.offset + offset, length, may_trim=may_trim,
+                                      fast=fast, fua=fua)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        limit = min(length, self.size - offset)
+        extents: list[Extent] = []
+        total = 0
+        for extent in await self.child.block_status(self.offset + offset, limit):
+            if total >= limit:
+                break
+            if total + extent.length > limit:
+                extent = Extent(limit - total, extent.flags)
+            extents.append(extent)
+            total += extent.length
+        return extents
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.child.cache(self.offset + offset, length)
+
+
+def _shifted(paths: FastPaths, shift: int) -> FastPaths:
+    """``paths`` with every offset moved by ``shift``."""
+    pread_nowait, pwrite_nowait = paths.pread_nowait, paths.pwrite_nowait
+    start_read, start_write = paths.start_read, paths.start_write
+    sendfile_source, own_read = paths.sendfile_source, paths.read
+
+    def pread_nowait_at(buf: memoryview, offset: int) -> bool:
+        assert pread_nowait is not None
+        return pread_nowait(buf, shift + offset)
+
+    def pwrite_nowait_at(data: Data, offset: int) -> bool:
+        assert pwrite_nowait is not None
+        return pwrite_nowait(data, shift + offset)
+
+    def start_read_at(offset: int, length: int, done: ReadDone) -> bool:
+        assert start_read is not None
+        return start_read(shift + offset, length, done)
+
+    def start_write_at(data: Data, offset: int, fua: bool, done: WriteDone) -> bool:
+        assert start_write is not None
+        return start_write(data, shift + offset, fua, done)
+
+    def sendfile_source_at(offset: int, length: int,
+                           data_only: bool) -> tuple[int, int] | None:
+        assert sendfile_source is not None
+        return sendfile_source(shift + offset, length, data_only)
+
+    async def read_at(offset: int, length: int) -> bytes | bytearray:
+        assert own_read is not None
+        return await own_read(shift + offset, length)
+
+    return FastPaths(
+        pread_nowait=pread_nowait_at if pread_nowait is not None else None,
+        pwrite_nowait=pwrite_nowait_at if pwrite_nowait is not None else None,
+        start_read=start_read_at if start_read is not None else None,
+        start_write=start_write_at if start_write is not None else None,
+        sendfile_source=sendfile_source_at if sendfile_source is not None else None,
+        read=read_at if own_read is not None else None,
+    )
