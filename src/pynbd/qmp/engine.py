@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..block.graph import BlockGraph
 from ..server import ExportTable
 from ..server.runtime import wait_at_stop
-from ..server.tls import TlsCredentials, TlsError
+from ..server.tls import TlsCredentials, TlsError, TlsObjectError, credentials_from_objects
 from . import schema as s
 from .commands import Command, basic, block, faults, nbd, objects
 from .commands.block import BLOCKDEV_ADD
@@ -86,19 +86,10 @@ class Engine:
             if authz_id is not None:
                 raise generic_error("'tls-authz' is only valid with 'tls-creds'")
             return None
-        kind, props = self.objects.get(creds_id, ("", {}))
-        if kind != "tls-creds-x509":
-            raise generic_error(f"No TLS credentials with id '{creds_id}'")
-        if props.get("endpoint", "server") != "server":
-            raise generic_error(f"TLS credentials '{creds_id}' are not for a server")
-        allowed = None
-        if authz_id is not None:
-            kind, authz = self.objects.get(authz_id, ("", {}))
-            if kind != "authz-simple":
-                raise generic_error(f"No authorization object with id '{authz_id}'")
-            allowed = frozenset({authz["identity"]})
-        creds = TlsCredentials(props["dir"], verify_peer=bool(props.get("verify-peer")),
-                               allowed_dns=allowed)
+        try:
+            creds = credentials_from_objects(self.objects, creds_id, authz_id)
+        except TlsObjectError as err:
+            raise generic_error(str(err)) from None
         try:
             creds.server_context()
         except TlsError as err:

@@ -15,16 +15,18 @@ Rules of this module:
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 from ...server import Export, Server
+from ...server.listen import listen_tcp, listen_unix
 from .. import schema as s
 from ..protocol import generic_error
 from ..state import ExportEntry, NbdServer
 from . import JSON, NO_ARGS, Command, id_wellformed
 
 if TYPE_CHECKING:
+    import socket
+
     from ..engine import Engine
 
 #: the daemon's default connection limit (qemu 9.1+ and our reliability issue)
@@ -73,35 +75,14 @@ async def _nbd_server_start(engine: Engine, args: dict[str, JSON]) -> JSON:
 
 def _listen(addr: dict[str, JSON]) -> tuple[socket.socket, str | None]:
     data = addr["data"]
+    unix = addr["type"] == "unix"
     try:
-        if addr["type"] == "unix":
-            path = data["path"]
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(path)
-            except OSError:
-                sock.close()
-                raise
-            unix_path: str | None = path
-        else:
-            infos = socket.getaddrinfo(data["host"], data["port"], type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-            family, kind, proto, _, sockaddr = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError:
-                sock.close()
-                raise
-            unix_path = None
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except (OSError, ValueError) as err:
-        where = data.get("path") or f"{data.get('host')}:{data.get('port')}"
+        sock = listen_unix(data["path"]) if unix else listen_tcp(data["host"], data["port"])
+    except OSError as err:
+        where = data["path"] if unix else f"{data['host']}:{data['port']}"
         raise generic_error(f"Failed to bind socket to {where}: "
-                            f"{getattr(err, 'strerror', None) or err}") from None
-    return sock, unix_path
+                            f"{err.strerror or err}") from None
+    return sock, data["path"] if unix else None
 
 
 async def _nbd_server_stop(engine: Engine, args: dict[str, JSON]) -> JSON:
