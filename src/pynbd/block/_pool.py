@@ -1,7 +1,7 @@
-"""The shared thread pool for backend calls that may block (file I/O, syncs),
+"""The shared thread pool for node calls that may block (file I/O, syncs),
 and the count of work the event loop awaits from other threads.
 
-One pool for every file-like backend, so the number of I/O threads stays
+One pool for every file-like node, so the number of I/O threads stays
 bounded however many exports there are; threads start on demand.
 
 ``off_thread_pending()`` is what the event loop's adaptive polling

@@ -96,7 +96,7 @@ class FaultRule:
             ``start=0, end=None`` the rule has no range and also picks FLUSH.
         count: pick at most this many requests; None: no limit.
         delay: seconds a picked request waits before it goes on (or fails).
-        seed: seeds the rule's generator for ``rate``; None: the backend
+        seed: seeds the rule's generator for ``rate``; None: the filter
             derives one from its own seed and the rule's id.
 
     Raises:
@@ -111,7 +111,7 @@ class FaultRule:
     count: int | None = None
     delay: float = 0.0
     seed: int | None = None
-    #: set by ``FaultBackend.add_rule``
+    #: set by ``FaultFilter.add_rule``
     id: int = 0
     #: requests picked so far
     hits: int = 0

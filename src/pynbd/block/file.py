@@ -55,9 +55,8 @@ INLINE_MAX = 1 << 20
 MAX_EXTENTS = 1024
 
 #: page-aligned writes up to this size may go inline (see ``_pwrite_inline_guarded``).
-#: Copying 1 MiB into the page cache takes ~0.3 ms; in the pool the thread hop
-#: and the GIL hand-back cost more (fio 1M writes qd8 on ext4, A/B: 64 KiB
-#: 1.6-2.5k IOPS, 1 MiB 2.3-2.9k).
+#: Copying 1 MiB into the page cache is quick; in the pool the thread hop and
+#: the GIL hand-back cost more (the A/B is in docs/performance.md).
 INLINE_WRITE_MAX = 1 << 20
 #: an inline write slower than this turns inline writes off for a while.  It is
 #: well above a scheduler time slice, so being preempted on a busy host does not
@@ -306,7 +305,7 @@ class FileNode(Node):
 
     def _latched_error(self) -> OSError:
         error = OSError(errno.EIO, "an earlier fdatasync failed, so written data may be "
-                        "lost; reopen the backend", self.path)
+                        "lost; reopen the image", self.path)
         error.__cause__ = self._sync_error
         return error
 

@@ -1,6 +1,6 @@
-"""Offset-explicit I/O helpers shared by the backends that keep data in a file.
+"""Offset-explicit I/O helpers shared by the nodes that keep data in a file.
 
-``FileBackend`` (an image file or block device) and ``MemoryBackend`` (a
+``FileNode`` (an image file or block device) and ``MemoryNode`` (a
 ``memfd``) both read and write with ``os.preadv``/``os.pwritev`` at explicit
 offsets and change allocation with ``fallocate(2)``; the loops that finish a
 short transfer and the ctypes binding live here once.

@@ -7,7 +7,7 @@ Rules of this module:
   zeroes (reading a hole allocates nothing: the kernel copies its zero page).
 - Every connection reaches the disk through that one fd, and shared memory has
   no cache in front of it: a completed write is visible to the next read from
-  anyone, and ``flush`` has nothing to do (memory is this backend's durable
+  anyone, and ``flush`` has nothing to do (memory is this node's durable
   store).
 - The file is also mapped into the process.  Shared memory never waits for a
   device, so reads and writes up to ``INLINE_MAX`` are done inline on the
@@ -16,8 +16,7 @@ Rules of this module:
   fault through the mapping would allocate a hole's pages; the syscalls do
   not).  Larger requests go to the shared I/O thread pool, so that one loop
   turn stays short.  (First-touch writes in the pool were measured slower:
-  nbdcopy into memory 1,300 -> 450-800 MB/s, the threads and the loop
-  fighting over the GIL.)
+  the threads and the loop fight over the GIL; see docs/performance.md.)
 - Because the disk is a file, large reads go to the socket with ``sendfile``
   (``sendfile_source``), and trims and zeroing are ``fallocate`` calls.
 - Allocation is tracked here in ``CHUNK_SIZE`` chunks (the kernel's

@@ -370,12 +370,12 @@ class _Handoff:
     copy the context on the thread every queue-depth-1 read waits for, and the
     loop would then read its self-pipe twice.  The loop calls each
     ``callback(result, data)``, counting each as back from another thread
-    (``off_thread_done``; ``RbdBackend._start`` counted it out).  ``put`` also
+    (``off_thread_done``; ``RbdNode._start`` counted it out).  ``put`` also
     pins a Python thread state to the calling thread: otherwise the binding
     creates and destroys one for every callback (an mmap/munmap pair and a
     page fault per I/O, measured).
 
-    The eventfd stays open until ``close``, which the backend calls only after
+    The eventfd stays open until ``close``, which the node calls only after
     the image is closed: a late ``put`` must never write to a descriptor
     number that has been reused.
     """
@@ -407,7 +407,7 @@ class _Handoff:
             items, self._items = self._items, []
             self._scheduled = False
         for callback, result, data in items:
-            off_thread_done()  # counted by ``RbdBackend._start``
+            off_thread_done()  # counted by ``RbdNode._start``
             callback(result, data)
 
     def detach(self) -> None:

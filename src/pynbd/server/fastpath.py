@@ -217,12 +217,11 @@ class FastPath(ConnectionState):
     def _direct_done(self, token: object, reply: list[Buffer]) -> None:
         """Send a direct request's reply.
 
-        librbd hands its completions over in batches (about 5 per wake-up at
-        depth 32): while other requests of this connection are in flight, a
-        reply waits for the end of the current loop iteration (``call_soon``)
-        so that the replies completed together leave in one ``writev`` (4k
-        reads at depth 32 on RBD: 17.6k -> 19.5k IOPS).  A lone request's
-        reply, or a batch that has grown large, goes at once.
+        librbd hands its completions over in batches: while other requests of
+        this connection are in flight, a reply waits for the end of the
+        current loop iteration (``call_soon``) so that the replies completed
+        together leave in one ``writev`` (docs/performance.md has the gain).
+        A lone request's reply, or a batch that has grown large, goes at once.
         """
         tokens = self._direct_tokens
         if not tokens and len(self._tasks) == 1:  # alone (depth 1): nothing to gather

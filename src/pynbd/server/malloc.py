@@ -7,15 +7,11 @@ memory at the heap's top back to the kernel as soon as there is more than
 ``M_TRIM_THRESHOLD`` of it (twice the largest buffer freed so far: 512 KiB for
 256 KiB reads).  With dozens of buffers in flight that happens all the time,
 and every returned page is faulted in and zeroed again when the next buffer
-takes it.  Measured with nbdcopy out of an RBD image (256 KiB reads, 4
-connections x 64 in flight): 48-78 page faults per MiB copied against
-qemu-nbd's 9-12, and 254-322 us of librbd thread CPU per MiB against 195-205.
+takes it (docs/performance.md has the measurements, before and after).
 
 ``tune_malloc`` keeps up to ``TRIM_THRESHOLD`` free at the heap's top and
 serves buffers up to ``MMAP_THRESHOLD`` from the heap (setting either stops
-glibc adjusting both, so both are set): 20-27 faults per MiB,
-librbd's threads at 215-234 us per MiB (qemu-nbd 195-205), and 788 -> 829
-MiB/s median over four A/B rounds.
+glibc adjusting both, so both are set).
 A process whose environment already sets these (``GLIBC_TUNABLES``,
 ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``) keeps its own choice;
 without glibc this does nothing.

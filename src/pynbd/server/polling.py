@@ -37,10 +37,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 #: The default limit.  qemu's is 32 us, but what decides whether the window
-#: opens is how long a wait that *sleeps* takes, wake-up included: on this
-#: project's 2-vCPU VM a queue-depth-1 client's gap measured 35-45 us asleep
-#: and ~25 us polled, so 32 us never opened the window (A/B, fio 4k qd1:
-#: 32 us 13.8-14.4k IOPS, 64 us 24.0-25.0k, no polling 13.2-14.6k).
+#: opens is how long a wait that *sleeps* takes, wake-up included, and on
+#: small VMs that is longer than 32 us (the A/B is in docs/performance.md).
 DEFAULT_POLL_MAX_NS = 65_536
 #: the largest limit accepted (a wait longer than this is not "soon")
 MAX_POLL_NS = 1_000_000
