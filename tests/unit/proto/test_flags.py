@@ -13,7 +13,8 @@ import struct
 
 import pytest
 
-from pynbd.block import MemoryNode
+from pynbd.block import MemoryNode, RawNode
+from pynbd.block.faults import FaultFilter
 from pynbd.proto import wire
 from pynbd.proto.constants import IHAVEOPT, ClientFlag, Opt, TransmissionFlag
 from pynbd.proto.events import HandshakeDone
@@ -129,6 +130,21 @@ def test_inconsistent_backend_never_gets_multi_conn(read_only: bool, multi_conn:
                     multi_conn=multi_conn)
     for structured in (False, True):
         assert not export.transmission_flags(structured=structured) & F.CAN_MULTI_CONN
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_a_private_node_anywhere_under_the_export_denies_multi_conn(window: bool) -> None:
+    """The flag is computed from the whole graph: a node deep under the export that
+    keeps data private to a caller denies it, whatever the nodes above it say."""
+    private = _backend(can_multi_conn=False)
+    raw = RawNode(private, offset=4096 if window else 0)
+    stack = FaultFilter(raw)
+    # even a top node that claims one store does not hide the private one under it
+    stack.capabilities = dataclasses.replace(stack.capabilities, can_multi_conn=True)
+    export = Export("disk", stack, multi_conn=True)
+    assert not export.transmission_flags(structured=True) & F.CAN_MULTI_CONN
+    shared = Export("disk", FaultFilter(RawNode(MemoryNode(1 << 20))), multi_conn=True)
+    assert shared.transmission_flags(structured=True) & F.CAN_MULTI_CONN
 
 
 def test_backend_that_cannot_write_makes_a_read_only_export() -> None:
