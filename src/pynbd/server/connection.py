@@ -346,7 +346,8 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
             # processing pauses as soon as anything waits on the transport, and
             # resumes once it has all gone (see _send)
             self._transport.set_write_buffer_limits(high=0)
-        self._choose_fast_paths(export, structured=done.negotiated.structured,
+        # the export as this connection sees it (a subclass may have wrapped it)
+        self._choose_fast_paths(self.export, structured=done.negotiated.structured,
                                 plain_socket=plain_socket)
         self.host.client_started(self)
         self._core.receive_data(done.trailing)
