@@ -76,6 +76,12 @@ def assert_clean_pass(code: int, result: dict[str, Any], connections: int,
     assert result["ops"] == sum(result["counts"].values())
     assert result["blocks_verified"] >= result["counts"]["read"]
     assert result["ops_per_second"] > 0
+    # the checker's own pace: its CPU time during the run and operations per CPU second
+    assert 0 < result["checker_cpu_seconds"] <= 2 * result["seconds"]
+    assert result["checker_cpu_share"] == pytest.approx(
+        result["checker_cpu_seconds"] / result["seconds"], abs=0.01)
+    assert result["checker_ops_per_cpu_second"] == pytest.approx(
+        result["ops"] / result["checker_cpu_seconds"], rel=0.01)
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[Any]) -> None:
@@ -209,10 +215,12 @@ def test_text_output(pynbd_server: Callable[..., Any]) -> None:
     assert lines[1] == "  4 connections over 1 URI(s), 3 requests in flight each, seed 42"
     assert lines[2] == "  region 4194304 bytes in 512 blocks of 8192"
     assert re.fullmatch(r"  \d+ operations in 1\.\d\d s: \d+ ops/s", lines[3]), lines[3]
+    assert re.fullmatch(r"  checker CPU \d+\.\d\d s \(\d+% of one core\): \d+ ops per CPU "
+                        r"second", lines[4]), lines[4]
     assert re.fullmatch(r"  read [1-9]\d*, write [1-9]\d*, write FUA [1-9]\d*, "
-                        r"write-zeroes [1-9]\d*, trim [1-9]\d*, flush [1-9]\d*", lines[4])
-    assert re.fullmatch(r"  blocks verified \d+ \(torn reads accepted \d+\)", lines[5])
-    assert len(lines) == 6
+                        r"write-zeroes [1-9]\d*, trim [1-9]\d*, flush [1-9]\d*", lines[5])
+    assert re.fullmatch(r"  blocks verified \d+ \(torn reads accepted \d+\)", lines[6])
+    assert len(lines) == 7
 
 
 def test_tls_export(pynbd_server: Callable[..., Any], tmp_path: Path) -> None:
@@ -259,7 +267,7 @@ def test_reports_violations_on_a_server_with_per_connection_caches(tmp_path: Pat
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert re.fullmatch(r"pynbd check: FAIL: [1-9]\d* violation\(s\), 0 error\(s\)",
-                        lines[-6]), lines[-6]
+                        lines[-7]), lines[-7]
     head = _HEAD.fullmatch(lines[0])
     assert head is not None, lines[0]
     block, offset, read_id, read_conn, sent, done = map(int, head.groups()[:6])
@@ -274,7 +282,8 @@ def test_reports_violations_on_a_server_with_per_connection_caches(tmp_path: Pat
     assert lines[2].startswith("  allowed: ")
     assert lines[3] == f"  history of block {block} (logical clock; done '-' = no reply):"
     rows = []
-    for line in lines[5:]:
+    first_row = 6 if re.fullmatch(r"  \.\.\. \d+ earlier operations not shown", lines[5]) else 5
+    for line in lines[first_row:]:
         if line.startswith(("VIOLATION", "pynbd check")):
             break
         row = _ROW.fullmatch(line)
@@ -571,15 +580,21 @@ def test_model_pruning_keeps_what_reads_in_flight_may_see() -> None:
 
     model, _ = _model_with(("write", 1, 1, 2))
     model.clock = 2
-    model.reads_in_flight[1000] = 3  # a read sent at t=3 is still in flight
+    reading = Op(1000, "read", 1, 0, 1, send=0)
+    model.start_read(reading)  # a read sent at t=3 is still in flight
+    assert reading.send == 3
     for tag in range(2, 40):  # 38 sequential writes, all completed after t=3
         model.add_write_type(Op(tag, "write", 0, 0, 1, send=2 * tag, done=2 * tag + 1,
                                 tag=tag))
         model.next_write = tag + 1
     assert len(model.live[0]) == 39  # nothing may go while that read is out
     assert _read(model, 3, 200, model.content(1, 0)) == []  # still allowed for that read
-    del model.reads_in_flight[1000]
-    model.clock = 200
+    model.clock = 199
+    model.end_read(reading)
     model.add_write_type(Op(40, "write", 0, 0, 1, send=201, done=202, tag=40))
     assert [op.tag for op in model.live[0]] == [39, 40]
-    assert len(model.history[0]) >= 40  # the report keeps everything
+    # the report keeps the block's recent history (bounded: see tests/unit/check) and
+    # counts the older operations it dropped
+    history, earlier = model.history(0)
+    assert len(history) + earlier == 41  # 40 writes and one read
+    assert [op.tag for op in history[-2:]] == [39, 40]
