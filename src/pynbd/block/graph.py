@@ -12,8 +12,9 @@ Rules of this module:
 - A node's data is shared by every caller only if the same holds for every
   node under it (``one_store``): the one rule the export's multi-conn flag is
   computed from.
-- Closing the graph flushes every writable root (a flush goes down the whole
-  chain) and then closes every node once, parents first.
+- Closing the graph flushes every writable node that no writable node above
+  it covers (a flush goes down the whole chain), and then closes every node
+  once, parents first.
 """
 
 from __future__ import annotations
@@ -186,14 +187,32 @@ class BlockGraph:
                  for child in node.children.values() for each in subtree(child)}
         return [node for node in self._nodes.values() if id(node) not in below]
 
-    async def close(self, wait: StopWait = _plain_wait) -> None:
-        """Flush every writable root, then close every node once, parents first."""
+    def _to_flush(self) -> list[Node]:
+        """The writable nodes reached from a root with no writable node above them
+        (whose flush would have gone down to them), each once, top first."""
+        chosen: list[Node] = []
+
+        def walk(node: Node, covered: bool) -> None:
+            caps = node.capabilities
+            if caps.can_write and caps.can_flush and not covered:
+                if not any(node is each for each in chosen):
+                    chosen.append(node)
+                covered = True
+            for child in node.children.values():
+                walk(child, covered)
+
         for root in self.roots():
-            if root.capabilities.can_write and root.capabilities.can_flush:
-                try:
-                    await wait(root.flush(), "the final flush" + _of(root))
-                except OSError as err:
-                    log.error("final flush%s failed: %s", _of(root), err)
+            walk(root, False)
+        return chosen
+
+    async def close(self, wait: StopWait = _plain_wait) -> None:
+        """Flush every writable node no writable node above covers, then close every
+        node once, parents first."""
+        for node in self._to_flush():
+            try:
+                await wait(node.flush(), "the final flush" + _of(node))
+            except OSError as err:
+                log.error("final flush%s failed: %s", _of(node), err)
         done: set[int] = set()
         for root in self.roots():
             for node in subtree(root):

@@ -42,13 +42,16 @@ class RawNode(FilterNode):
     def __init__(self, file: Node, *, offset: int = 0, size: int | None = None,
                  read_only: bool = False) -> None:
         super().__init__(file)
+        # qemu's raw driver's words (raw_apply_options), double space included
         if offset < 0 or offset > file.size:
-            raise ValueError(f"offset {offset} is outside the file (size {file.size})")
+            raise ValueError(f"Offset ({offset}) cannot be greater than size of the "
+                             f"containing file ({file.size})")
         if size is None:
             size = file.size - offset
         if size < 0 or offset + size > file.size:
-            raise ValueError(f"a window of {size} bytes at offset {offset} does not fit "
-                             f"in the file (size {file.size})")
+            raise ValueError(f"The sum of offset ({offset}) and size ({size}) has to be "
+                             f"smaller or equal to the  actual size of the containing file "
+                             f"({file.size})")
         self.offset = offset
         self.size = size
         if read_only:

@@ -19,7 +19,7 @@ Polling only happens when the loop would otherwise block (``timeout`` not 0):
 under load the loop never sleeps and so never polls.  It does not happen while
 the loop awaits work from other threads (the I/O pool, librbd): they need the
 GIL to hand their results over, and a spinning loop keeps taking it back
-(``pynbd.backends._pool.off_thread_pending``).  It is never used with a single
+(``pynbd.block._pool.off_thread_pending``).  It is never used with a single
 usable CPU, where spinning would only keep the client from running.
 """
 

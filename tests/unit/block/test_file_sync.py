@@ -1,7 +1,8 @@
-"""FileBackend group commit: concurrent flushes share ``fdatasync`` calls.
+"""FileNode durability: the group commit, and the latch after a failed ``fdatasync``.
 
 Each flush (or FUA write) must be covered by an ``fdatasync`` that started
-after it was called; flushes that arrive while one runs share the next.
+after it was called; flushes that arrive while one runs share the next.  Once
+an ``fdatasync`` has failed, every later flush and FUA request fails with EIO.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
+from tests.unit.block.support import raises_errno, read, run
 
-from pynbd.backends import FileBackend
+from pynbd.block import FileNode
 
 if TYPE_CHECKING:
     import pathlib
+    from collections.abc import Iterator
 
 
 class SlowSync:
@@ -43,22 +46,24 @@ class SlowSync:
 
 
 @pytest.fixture
-def backend(tmp_path: pathlib.Path) -> FileBackend:
+def file_node(tmp_path: pathlib.Path) -> Iterator[FileNode]:
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(1 << 20))
-    return FileBackend(str(path))
+    node = FileNode(str(path), discard=True)
+    yield node
+    asyncio.run(node.close())
 
 
 def test_concurrent_flushes_share_fdatasync_and_each_is_covered(
-        backend: FileBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+        file_node: FileNode, monkeypatch: pytest.MonkeyPatch) -> None:
     sync = SlowSync()
     monkeypatch.setattr(os, "fdatasync", sync)
 
     async def flush(delay: float) -> tuple[float, float]:
         await asyncio.sleep(delay)
-        await backend.pwrite(b"x" * 4096, 0)
+        await file_node.pwrite(b"x" * 4096, 0)
         called = time.monotonic()
-        await backend.flush()
+        await file_node.flush()
         return called, time.monotonic()
 
     async def main() -> list[tuple[float, float]]:
@@ -72,24 +77,24 @@ def test_concurrent_flushes_share_fdatasync_and_each_is_covered(
                    for start, end in zip(sync.starts, sync.ends, strict=True))
 
 
-def test_a_lone_flush_syncs_at_once(backend: FileBackend,
+def test_a_lone_flush_syncs_at_once(file_node: FileNode,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     sync = SlowSync(0.0)
     monkeypatch.setattr(os, "fdatasync", sync)
     for _ in range(3):
-        asyncio.run(backend.flush())
+        asyncio.run(file_node.flush())
     assert len(sync.starts) == 3  # nothing is skipped: every flush gets its own
 
 
 def test_a_failed_round_fails_its_waiters_and_latches(
-        backend: FileBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+        file_node: FileNode, monkeypatch: pytest.MonkeyPatch) -> None:
     sync = SlowSync(0.02, fail=1)
     monkeypatch.setattr(os, "fdatasync", sync)
 
     async def main() -> list[BaseException | None]:
-        first = asyncio.ensure_future(backend.flush())
+        first = asyncio.ensure_future(file_node.flush())
         await asyncio.sleep(0.005)  # the next two wait for the round after the failing one
-        rest = [asyncio.ensure_future(backend.flush()) for _ in range(2)]
+        rest = [asyncio.ensure_future(file_node.flush()) for _ in range(2)]
         results = await asyncio.gather(first, *rest, return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
 
@@ -105,15 +110,15 @@ def test_a_failed_round_fails_its_waiters_and_latches(
 
 
 def test_a_cancelled_waiter_does_not_cancel_the_shared_round(
-        backend: FileBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+        file_node: FileNode, monkeypatch: pytest.MonkeyPatch) -> None:
     sync = SlowSync(0.02)
     monkeypatch.setattr(os, "fdatasync", sync)
 
     async def main() -> None:
-        first = asyncio.ensure_future(backend.flush())
+        first = asyncio.ensure_future(file_node.flush())
         await asyncio.sleep(0.005)
-        quitter = asyncio.ensure_future(backend.flush())
-        stayer = asyncio.ensure_future(backend.flush())
+        quitter = asyncio.ensure_future(file_node.flush())
+        stayer = asyncio.ensure_future(file_node.flush())
         await asyncio.sleep(0)
         quitter.cancel()
         await first
@@ -123,3 +128,46 @@ def test_a_cancelled_waiter_does_not_cancel_the_shared_round(
 
     asyncio.run(main())
     assert len(sync.starts) == 2
+
+
+# -- the durability latch ------------------------------------------------------------
+
+
+def test_failed_fdatasync_latches(file_node: FileNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, "simulated writeback error")
+
+    run(file_node.pwrite(b"data", 0))
+    run(file_node.flush())
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with raises_errno(errno.EIO):
+        run(file_node.flush())
+    monkeypatch.undo()
+    for attempt in (file_node.flush(), file_node.pwrite(b"more", 0, fua=True),
+                    file_node.write_zeroes(0, 10, fua=True), file_node.trim(0, 10, fua=True),
+                    file_node.flush()):
+        with raises_errno(errno.EIO):
+            run(attempt)
+    # writes without FUA still work; only durability is refused
+    run(file_node.pwrite(b"more", 0))
+    assert run(read(file_node, 0, 4)) == b"more"
+    # a new node on the same file starts clean
+    fresh = FileNode(file_node.path)
+    try:
+        run(fresh.flush())
+        run(fresh.pwrite(b"x", 0, fua=True))
+    finally:
+        run(fresh.close())
+
+
+def test_every_sync_failure_latches(file_node: FileNode,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def fdatasync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "simulated")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(OSError, match="simulated"):
+        run(file_node.pwrite(b"x", 0, fua=True))
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="earlier fdatasync failed"):
+        run(file_node.flush())

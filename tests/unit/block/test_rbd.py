@@ -1,8 +1,10 @@
-"""RbdBackend: the backend contract against a real Ceph cluster, plus spec parsing.
+"""RbdNode: the node contract (under every layer) against a real Ceph cluster, plus
+spec parsing.
 
 Every contract test gets a fresh RBD image of the exact size it asks for;
 ``read_raw``/``write_raw`` go straight to the cluster through another librbd
-client, so they also prove that the backend keeps no private cache.
+client, so they also prove that the node keeps no private cache.  Like every
+RBD test, these fail (never skip) when Ceph is missing (``tests/support/ceph.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from tests.unit.backends.contract import BackendContract, pattern, read, run
+from tests.unit.block.contract import NodeContract
+from tests.unit.block.support import pattern, read, run
 
-from pynbd.backends import Backend, ExtentFlags, FastZeroUnsupported, _pool
-from pynbd.backends.rbd import RbdBackend, RbdSpec, RbdSpecError, parse_rbd_filename
+from pynbd.block import _pool
+from pynbd.block.node import ExtentFlags, FastZeroUnsupported, Node
+from pynbd.block.rbd import RbdNode
+from pynbd.block.rbdspec import RbdSpec, RbdSpecError, parse_rbd_filename
 
 if TYPE_CHECKING:
     import pathlib
@@ -29,47 +34,69 @@ if TYPE_CHECKING:
 MIB = 1 << 20
 
 
-class TestRbdBackend(BackendContract):
+class TestRbdNode(NodeContract):
     has_raw_access = True
 
     @pytest.fixture(autouse=True)
     def _cluster(self, ceph: CephCluster) -> None:
         self.cluster = ceph
 
-    def make_backend(self, tmp_path: pathlib.Path, size: int) -> Backend:
+    def make_protocol(self, tmp_path: pathlib.Path, size: int) -> Node:
         name = self.cluster.new_image(size, prefix="contract")
-        return RbdBackend(parse_rbd_filename(self.cluster.spec(name)), discard=True)
+        return RbdNode(parse_rbd_filename(self.cluster.spec(name)), discard=True)
 
-    def read_raw(self, backend: Backend, offset: int, length: int) -> bytes:
-        assert isinstance(backend, RbdBackend)
-        return self.cluster.read(backend.spec.image, offset, length)
+    def read_raw(self, protocol: Node, offset: int, length: int) -> bytes:
+        assert isinstance(protocol, RbdNode)
+        return self.cluster.read(protocol.spec.image, offset, length)
 
-    def write_raw(self, backend: Backend, offset: int, data: bytes) -> None:
-        assert isinstance(backend, RbdBackend)
+    def write_raw(self, protocol: Node, offset: int, data: bytes) -> None:
+        assert isinstance(protocol, RbdNode)
         rados, rbd = importlib.import_module("rados"), importlib.import_module("rbd")
         with rados.Rados(conffile=str(self.cluster.conf), conf={"rbd_cache": "false"}) as c, \
                 c.open_ioctx(self.cluster.pool) as ioctx, \
-                rbd.Image(ioctx, backend.spec.image) as img:
+                rbd.Image(ioctx, protocol.spec.image) as img:
             img.write(data, offset)
 
 
-def _backend(ceph: CephCluster, size: int = 8 * MIB, **kwargs: Any) -> RbdBackend:
-    return RbdBackend(parse_rbd_filename(ceph.spec(ceph.new_image(size))), **kwargs)
+def _node(ceph: CephCluster, size: int = 8 * MIB, **kwargs: Any) -> RbdNode:
+    return RbdNode(parse_rbd_filename(ceph.spec(ceph.new_image(size))), **kwargs)
 
 
 def test_cache_off_by_default_and_multi_conn(ceph: CephCluster) -> None:
-    backend = _backend(ceph)
+    node = _node(ceph)
     try:
-        assert backend._cluster.conf_get("rbd_cache") == "false"
-        assert backend.capabilities.can_multi_conn
+        assert node._cluster.conf_get("rbd_cache") == "false"
+        assert node.capabilities.can_multi_conn
     finally:
-        run(backend.close())
+        run(node.close())
+
+
+def test_graph_facing_parts_and_fast_paths(ceph: CephCluster) -> None:
+    """Direct I/O and own-buffer reads (librbd's own threads and buffers); nothing
+    inline, nothing to sendfile from."""
+    node = _node(ceph)
+    try:
+        assert node.driver == "rbd"
+        assert node.filename == f"rbd:{ceph.pool}/{node.spec.image}"
+        assert node.children == {}
+        assert node.resolve() is node
+        paths = node.fast_paths()
+        assert paths.start_read == node.start_read
+        assert paths.start_write == node.start_write
+        assert paths.read == node.read
+        assert (paths.pread_nowait, paths.pwrite_nowait, paths.sendfile_source) == (
+            None, None, None)
+        # nothing to start for an empty request: the ordinary path answers it
+        assert not node.start_read(0, 0, lambda data, error: None)
+        assert not node.start_write(b"", 0, False, lambda error: None)
+    finally:
+        run(node.close())
 
 
 def test_aio_in_flight_is_counted_for_the_loop(ceph: CephCluster) -> None:
     """While librbd works on a request the loop knows it awaits another thread (and
     so does not spin: pynbd.server.polling); the count drops when it is handed back."""
-    backend = _backend(ceph)
+    node = _node(ceph)
 
     async def scenario() -> list[int]:
         before = _pool.off_thread_pending()
@@ -77,8 +104,8 @@ def test_aio_in_flight_is_counted_for_the_loop(ceph: CephCluster) -> None:
         loop = asyncio.get_running_loop()
         wrote: asyncio.Future[OSError | None] = loop.create_future()
         got: asyncio.Future[bytes | bytearray | None] = loop.create_future()
-        assert backend.start_write(b"w" * 4096, 0, False, wrote.set_result)
-        assert backend.start_read(8192, 4096, lambda data, _: got.set_result(data))
+        assert node.start_write(b"w" * 4096, 0, False, wrote.set_result)
+        assert node.start_read(8192, 4096, lambda data, _: got.set_result(data))
         seen.append(_pool.off_thread_pending() - before)
         assert await wrote is None
         assert await got == bytes(4096)
@@ -88,7 +115,7 @@ def test_aio_in_flight_is_counted_for_the_loop(ceph: CephCluster) -> None:
     try:
         assert run(scenario()) == [2, 0]
     finally:
-        run(backend.close())
+        run(node.close())
 
 
 def _eventfds() -> int:
@@ -101,18 +128,18 @@ def _eventfds() -> int:
 
 
 def test_completions_reach_each_loop_and_close_releases_the_wakeups(ceph: CephCluster) -> None:
-    """librbd's completions wake the loop through an eventfd per event loop: a backend
+    """librbd's completions wake the loop through an eventfd per event loop: a node
     used from one loop and then another hands each its completions, and closing the
-    backend (after the image, so no late completion can write to a reused number)
+    node (after the image, so no late completion can write to a reused number)
     closes them all."""
     before = _eventfds()
-    backend = _backend(ceph)
+    node = _node(ceph)
 
     async def write_then_read(seed: int) -> bytes | bytearray:
-        await backend.pwrite(pattern(seed, 4096), 0)
+        await node.pwrite(pattern(seed, 4096), 0)
         loop = asyncio.get_running_loop()
         got: asyncio.Future[bytes | bytearray | None] = loop.create_future()
-        assert backend.start_read(0, 4096, lambda data, _: got.set_result(data))
+        assert node.start_read(0, 4096, lambda data, _: got.set_result(data))
         data = await got
         assert data is not None
         return data
@@ -123,7 +150,7 @@ def test_completions_reach_each_loop_and_close_releases_the_wakeups(ceph: CephCl
         assert run(write_then_read(2)) == pattern(2, 4096)  # another loop
         assert _eventfds() == before + 2
     finally:
-        run(backend.close())
+        run(node.close())
     assert _eventfds() == before
 
 
@@ -133,18 +160,18 @@ def test_block_status_per_object(ceph: CephCluster, fast_diff: bool) -> None:
     from the object map, a whole 4 MIB object at a time.  Either way an untouched
     object is a hole, and large reads never ask (no sparse-read probe)."""
     name = ceph.new_image(16 * MIB, fast_diff=fast_diff)
-    backend = RbdBackend(parse_rbd_filename(ceph.spec(name)))
+    node = RbdNode(parse_rbd_filename(ceph.spec(name)))
 
     async def body() -> list[tuple[int, ExtentFlags]]:
-        await backend.pwrite(b"d" * 4096, 5 * MIB)
-        return [(e.length, e.flags) for e in await backend.block_status(0, 16 * MIB)]
+        await node.pwrite(b"d" * 4096, 5 * MIB)
+        return [(e.length, e.flags) for e in await node.block_status(0, 16 * MIB)]
 
     try:
-        assert backend.fast_diff is fast_diff
-        assert not backend.capabilities.sparse_reads
+        assert node.fast_diff is fast_diff
+        assert not node.capabilities.sparse_reads
         extents = run(body())
     finally:
-        run(backend.close())
+        run(node.close())
     hole = ExtentFlags.HOLE | ExtentFlags.ZERO
     assert extents[0] == (4 * MIB, hole)
     data = [e for e in extents if e[1] == ExtentFlags.DATA]
@@ -156,68 +183,70 @@ def test_block_status_per_object(ceph: CephCluster, fast_diff: bool) -> None:
 
 def test_client_cache_on_request_withdraws_multi_conn(ceph: CephCluster) -> None:
     spec = parse_rbd_filename(ceph.spec(ceph.new_image(MIB), "rbd_cache=true"))
-    backend = RbdBackend(spec)
+    node = RbdNode(spec)
     try:
-        assert backend._cluster.conf_get("rbd_cache") == "true"
-        assert not backend.capabilities.can_multi_conn
+        assert node._cluster.conf_get("rbd_cache") == "true"
+        assert not node.capabilities.can_multi_conn
+        # a FUA write must flush the private cache: not a direct write then
+        assert not node.start_write(b"x", 0, True, lambda error: None)
     finally:
-        run(backend.close())
+        run(node.close())
 
 
 def test_zeroes_without_holes_are_thick_and_never_fast(ceph: CephCluster) -> None:
-    backend = _backend(ceph, discard=True)
+    node = _node(ceph, discard=True)
 
     async def body() -> None:
-        await backend.pwrite(pattern(1, 4 * MIB), 0)
+        await node.pwrite(pattern(1, 4 * MIB), 0)
         with pytest.raises(FastZeroUnsupported):
-            await backend.write_zeroes(0, MIB, may_trim=False, fast=True)
-        assert await read(backend, 0, MIB) == pattern(1, 4 * MIB)[:MIB]
-        await backend.write_zeroes(0, MIB, may_trim=False)
-        assert await read(backend, 0, MIB) == bytes(MIB)
+            await node.write_zeroes(0, MIB, may_trim=False, fast=True)
+        assert await read(node, 0, MIB) == pattern(1, 4 * MIB)[:MIB]
+        await node.write_zeroes(0, MIB, may_trim=False)
+        assert await read(node, 0, MIB) == bytes(MIB)
         # thick: still allocated
-        extents = await backend.block_status(0, MIB)
+        extents = await node.block_status(0, MIB)
         assert extents[0].flags == ExtentFlags.DATA
         # thin, when holes are allowed: the 4 MIB object goes away
-        await backend.write_zeroes(0, 4 * MIB, may_trim=True, fast=True)
-        extents = await backend.block_status(0, 4 * MIB)
+        await node.write_zeroes(0, 4 * MIB, may_trim=True, fast=True)
+        extents = await node.block_status(0, 4 * MIB)
         assert [(e.length, e.flags) for e in extents] == [
             (4 * MIB, ExtentFlags.HOLE | ExtentFlags.ZERO)]
-        assert await read(backend, 0, 4 * MIB) == bytes(4 * MIB)
+        assert await read(node, 0, 4 * MIB) == bytes(4 * MIB)
 
     try:
         run(body())
     finally:
-        run(backend.close())
+        run(node.close())
 
 
 def test_discard_off_makes_trim_a_no_op(ceph: CephCluster) -> None:
-    backend = _backend(ceph, discard=False)
+    node = _node(ceph, discard=False)
 
     async def body() -> None:
-        await backend.pwrite(b"x" * 4096, 0)
-        await backend.trim(0, 4096)
-        assert await read(backend, 0, 4096) == b"x" * 4096
+        await node.pwrite(b"x" * 4096, 0)
+        await node.trim(0, 4096)
+        assert await read(node, 0, 4096) == b"x" * 4096
         # zeroing is not a discard: thin (and fast) whenever holes are allowed
-        await backend.write_zeroes(0, 4096, may_trim=True, fast=True)
-        assert await read(backend, 0, 4096) == bytes(4096)
+        await node.write_zeroes(0, 4096, may_trim=True, fast=True)
+        assert await read(node, 0, 4096) == bytes(4096)
 
     try:
-        assert not backend.capabilities.can_trim
+        assert not node.capabilities.can_trim
         run(body())
     finally:
-        run(backend.close())
+        run(node.close())
 
 
 def test_snapshot_is_read_only_and_frozen(ceph: CephCluster) -> None:
     name = ceph.new_image(MIB)
-    live = RbdBackend(parse_rbd_filename(ceph.spec(name)))
+    live = RbdNode(parse_rbd_filename(ceph.spec(name)))
     try:
         run(live.pwrite(b"before" * 100, 0))
         ceph.rbd("snap", "create", f"{ceph.pool}/{name}@s1")
         run(live.pwrite(b"after!" * 100, 0))
     finally:
         run(live.close())
-    snap = RbdBackend(parse_rbd_filename(ceph.spec(f"{name}@s1")))
+    snap = RbdNode(parse_rbd_filename(ceph.spec(f"{name}@s1")))
     try:
         assert snap.read_only
         assert not snap.capabilities.can_write
@@ -238,7 +267,7 @@ def test_snapshot_is_read_only_and_frozen(ceph: CephCluster) -> None:
 ])
 def test_open_errors_say_what_is_wrong(ceph: CephCluster, text: str, message: str) -> None:
     with pytest.raises(OSError, match=re.escape(message)):
-        RbdBackend(parse_rbd_filename(text.format(conf=ceph.conf)))
+        RbdNode(parse_rbd_filename(text.format(conf=ceph.conf)))
 
 
 # -- qemu's rbd: filename syntax (no cluster needed) -----------------------------------------
