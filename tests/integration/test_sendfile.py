@@ -20,8 +20,8 @@ import pytest
 from tests.support.inprocess import open_raw, serving
 
 from pynbd.block import FileNode, MemoryNode, Node, RawNode, fileio
-from pynbd.block.graph import close_subtree
 from pynbd.block.faults import FaultFilter, parse_fault_spec
+from pynbd.block.graph import close_subtree
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     REQUEST_MAGIC,
