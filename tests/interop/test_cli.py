@@ -154,7 +154,7 @@ BAD_ARGS: list[tuple[str, list[str], list[str]]] = [
     ("unknown-option", ["--bogus", "memory:1M"], ["unrecognized", "--bogus"]),
     ("format", ["-f", "qcow2", "memory:1M"], ["format", "qcow2"]),
     ("memory-size", ["memory:abc"], ["size", "'abc'"]),
-    ("offset-past-end", ["-o", "2M", "{tmp}/small.img"], ["offset", "2097152"]),
+    ("offset-past-end", ["-o", "2M", "{tmp}/small.img"], ["Offset (2097152)", "containing file"]),
     ("socket-dir", ["-k", "{tmp}/nodir/s.sock", "memory:1M"],
      ["nodir/s.sock", "No such file"]),
     ("long-name", ["-x", "n" * 4097, "memory:1M"], ["export name", "4096"]),
