@@ -58,7 +58,7 @@ class GraphError(ValueError):
 
 
 def subtree(node: Node) -> Iterator[Node]:
-    """``node`` and every node under it, each once, parents before children."""
+    """``node`` and every node under it, each once (depth first, ``node`` first)."""
     seen: set[int] = set()
     order: list[Node] = []
 
@@ -74,10 +74,30 @@ def subtree(node: Node) -> Iterator[Node]:
     return iter(order)
 
 
+def parents_first(roots: list[Node]) -> list[Node]:
+    """Every node under ``roots``, each once, every node after all its parents
+    (a node two parents share comes after both)."""
+    nodes = {id(each): each for root in roots for each in subtree(root)}
+    waiting = dict.fromkeys(nodes, 0)
+    for node in nodes.values():
+        for child in {id(c): c for c in node.children.values()}:
+            waiting[child] += 1
+    ready = [node for key, node in nodes.items() if not waiting[key]]
+    order: list[Node] = []
+    while ready:
+        node = ready.pop(0)
+        order.append(node)
+        for key in {id(c): c for c in node.children.values()}:
+            waiting[key] -= 1
+            if not waiting[key]:
+                ready.append(nodes[key])
+    return order
+
+
 async def close_subtree(node: Node) -> None:
     """Close ``node`` and every node under it, each once, parents first (nodes
     built without a graph: tests, tools)."""
-    for each in subtree(node):
+    for each in parents_first([node]):
         await each.close()
 
 
@@ -157,11 +177,6 @@ class BlockGraph:
         del self._nodes[name]
         await self._close_unused([node])
 
-    async def discard(self, names: list[str]) -> None:
-        """Remove and close the named nodes (a command that failed half way), users first."""
-        nodes = [self._nodes.pop(name) for name in reversed(names) if name in self._nodes]
-        await self._close_unused(nodes)
-
     async def _close_unused(self, removed: list[Node]) -> None:
         """Close ``removed`` and the children only they used: unnamed ones (under an
         implicit filter) and generated-name ones no other node uses."""
@@ -213,13 +228,9 @@ class BlockGraph:
                 await wait(node.flush(), "the final flush" + _of(node))
             except OSError as err:
                 log.error("final flush%s failed: %s", _of(node), err)
-        done: set[int] = set()
-        for root in self.roots():
-            for node in subtree(root):
-                if id(node) not in done:
-                    done.add(id(node))
-                    await wait(node.close(), f"node {node.node_name!r} to close"
-                               if _user_named(node) else "the storage to close")
+        for node in parents_first(self.roots()):
+            await wait(node.close(), f"node {node.node_name!r} to close"
+                       if _user_named(node) else "the storage to close")
         self._nodes.clear()
 
     def describe(self, name: str, node: Node) -> dict[str, Any]:

@@ -193,17 +193,18 @@ def test_remove_closes_unnamed_nodes_under_an_implicit_filter() -> None:
     assert list(graph) == []
 
 
-def test_discard_removes_the_named_nodes_users_first() -> None:
+def test_a_child_two_parents_share_closes_after_both() -> None:
+    """Closing goes parents first across the whole graph: depth first would close
+    the shared child between its two parents (the second could still write to it)."""
     log: Log = []
     graph = BlockGraph()
-    child = Recorded(log, "child")
-    keep = Recorded(log, "keep")
-    graph.add(child, "#block001")
-    graph.add(RecordedRaw(log, "parent", child), "parent")
-    graph.add(keep, "keep")
-    run(graph.discard(["#block001", "parent", "not-there"]))
-    assert closes(log) == ["parent", "child"]
-    assert list(graph) == [keep]
+    shared = Recorded(log, "shared")
+    graph.add(shared, "shared")
+    graph.add(RecordedRaw(log, "a", shared), "a")
+    graph.add(RecordedRaw(log, "b", shared, read_only=True), "b")
+    run(graph.close())
+    assert closes(log)[-1] == "shared"
+    assert sorted(closes(log)) == ["a", "b", "shared"]
 
 
 # -- closing ---------------------------------------------------------------------------------
@@ -223,7 +224,8 @@ def test_close_flushes_writable_roots_then_closes_every_node_once_parents_first(
     # a flush goes down the chain: each writable root's flush reaches base
     assert flushes(log) == ["first", "base", "second", "base"]
     assert log.index(("flush", "base")) < log.index(("close", "first"))
-    assert closes(log) == ["first", "base", "second", "readonly", "ro-raw"]
+    # base, which both raw nodes use, closes after both of them
+    assert closes(log) == ["first", "second", "readonly", "ro-raw", "base"]
     assert list(graph) == []
 
 
