@@ -506,6 +506,11 @@ def test_blockdev_del_refused_while_in_use(daemon: Callable[..., Daemon],
             assert by_name["f"]["file"] == pattern_image
             assert by_name["n"]["image"]["virtual-size"] == 4 * MiB
             assert by_name["m"]["image"]["virtual-size"] == MiB
+            # as qemu shows a node: a raw node's file is its protocol child's
+            assert by_name["n"]["file"] == pattern_image
+            assert {n["backing_file_depth"] for n in nodes} == {0}
+            assert {name: n["ro"] for name, n in by_name.items()} == {
+                "f": False, "n": False, "m": False}
             assert await qmp_fails(client, "blockdev-add", {
                 "driver": "memory", "node-name": "m", "size": 1}) == (
                 "Duplicate nodes with node-name='m'")
