@@ -189,8 +189,12 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
     ``--cache=none`` turns librbd's client cache off, as pynbd does by default.
     """
     if name in ("pynbd", "pynbd-base"):
-        image = f"memory:{size}" if backend == "memory" else target
-        return [sys.executable, "-m", "pynbd", "-t", "-e", "0", "-k", str(sock), image]
+        if backend == "memory":
+            return [sys.executable, "-m", "pynbd", "-t", "-e", "0", "-k", str(sock),
+                    f"memory:{size}"]
+        # the format given, as for qemu-nbd (a probed raw image guards its first sector)
+        return [sys.executable, "-m", "pynbd", "-t", "-e", "0", "-k", str(sock), "-f", "raw",
+                target]
     if name == "qemu-nbd" and backend == "rbd":
         return ["qemu-nbd", "-f", "raw", "--cache=none", "-e", "8", "-t", "-k", str(sock),
                 target]

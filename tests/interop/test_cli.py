@@ -152,7 +152,8 @@ BAD_ARGS: list[tuple[str, list[str], list[str]]] = [
     ("port-range", ["-p", "70000", "memory:1M"], ["--port", "70000", "range"]),
     ("port-not-number", ["-p", "abc", "memory:1M"], ["--port", "'abc'"]),
     ("unknown-option", ["--bogus", "memory:1M"], ["unrecognized", "--bogus"]),
-    ("format", ["-f", "qcow2", "memory:1M"], ["format", "qcow2"]),
+    ("format", ["-f", "vmdk", "memory:1M"], ["format", "vmdk"]),
+    ("qcow2-memory", ["-f", "qcow2", "memory:1M"], ["memory", "qcow2"]),
     ("memory-size", ["memory:abc"], ["size", "'abc'"]),
     ("offset-past-end", ["-o", "2M", "{tmp}/small.img"], ["Offset (2097152)", "containing file"]),
     ("socket-dir", ["-k", "{tmp}/nodir/s.sock", "memory:1M"],
@@ -470,7 +471,7 @@ def test_signal_with_idle_client(pynbd_server: Callable[..., Any], tmp_path: Pat
                                  sig: int, persistent: bool) -> None:
     path = tmp_path / "sig.img"
     path.write_bytes(bytes(MiB))
-    srv = pynbd_server(str(path), persistent=persistent)
+    srv = pynbd_server("-f", "raw", str(path), persistent=persistent)
     h = connect(srv.uri)
     data = os.urandom(64 * 1024)
     try:
@@ -589,3 +590,48 @@ def test_listen_helpers_give_ready_sockets_and_close_them_on_failure(
     assert stat.S_ISSOCK(os.stat(path).st_mode)
     with listen_unix(path, replace_stale=True) as again:
         assert again.getsockname() == path
+
+
+# -- format probing (no -f): qemu-nbd's rules ----------------------------------------------
+
+
+def test_a_probed_raw_image_guards_its_first_sector(pynbd_server: Callable[..., Any],
+                                                     tmp_path: Path) -> None:
+    """Without -f a raw image is probed: one stderr line says so, and a client may not
+    write a qcow2 header into its first sector (EPERM) nor part of that sector
+    (EINVAL), so the next probe cannot take the image for qcow2; with -f raw it may."""
+    path = tmp_path / "probed.img"
+    path.write_bytes(bytes(MiB))
+    srv = pynbd_server(str(path))
+    h = connect(srv.uri)
+    try:
+        header = b"QFI\xfb" + bytes(508)
+        with pytest.raises(nbd.Error) as refused:
+            h.pwrite(header, 0)
+        assert refused.value.errno == "EPERM"
+        with pytest.raises(nbd.Error) as partial:
+            h.pwrite(b"x" * 100, 0)
+        assert partial.value.errno == "EINVAL"
+        h.pwrite(b"\xab" * 512, 0)  # a whole first sector that probes as raw: fine
+        h.pwrite(header, 4096)  # a qcow2 magic anywhere else: fine
+        h.flush()
+    finally:
+        h.shutdown()
+    assert srv.stop() == 0
+    stderr = srv.proc.stderr.read().splitlines()
+    assert len(stderr) == 1
+    assert "probed raw" in stderr[0]
+    assert "-f raw" in stderr[0]
+    assert path.read_bytes()[:512] == b"\xab" * 512
+    assert path.read_bytes()[4096:4100] == b"QFI\xfb"
+
+    explicit = pynbd_server("-f", "raw", str(path))
+    h = connect(explicit.uri)
+    try:
+        h.pwrite(header, 0)  # the user said raw: nothing is guarded
+        h.flush()
+    finally:
+        h.shutdown()
+    assert explicit.stop() == 0
+    assert explicit.proc.stderr.read() == ""
+    assert path.read_bytes()[:4] == b"QFI\xfb"

@@ -17,20 +17,27 @@ Rules of this module:
   well-formed (a letter, then letters, digits, ``-``, ``.``, ``_``), not
   taken, at most 31 characters.  Names generated for nodes given without one
   (``#block001``) skip the first check, and no user name can look like them.
-- ``build`` may block (an RBD image connects to its cluster): the daemon runs
-  it in a thread, the command line before its event loop starts.
+- ``build`` is a coroutine: a qcow2 node reads its header to open, and an RBD
+  image connects to its cluster in a thread (never on the event loop).
+- A qcow2 node without an explicit ``backing`` opens the backing file its
+  header names, as qemu does: relative to the image's directory, in the
+  format the header gives (probed if none), read-only, recursively (at most
+  ``MAX_BACKING_DEPTH`` deep); ``"backing": null`` opens none.
 - ``wrap`` (the daemon: an implicit fault filter) is put over every node
   built, and the wrapper is what parents and exports use.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from typing import TYPE_CHECKING, Any
 
 from .file import FileNode
 from .graph import BlockGraph, GraphError
 from .memory import MemoryNode
+from .probe import probe_format
 from .raw import RawNode
 
 if TYPE_CHECKING:
@@ -40,7 +47,9 @@ if TYPE_CHECKING:
 
 #: the drivers ``build`` knows, by the kind of node they make
 PROTOCOL_DRIVERS = ("file", "host_device", "memory", "rbd")
-FORMAT_DRIVERS = ("raw",)
+FORMAT_DRIVERS = ("raw", "qcow2")
+#: how deep a backing chain opened from image headers may go
+MAX_BACKING_DEPTH = 64
 
 Options = dict[str, Any]
 
@@ -59,12 +68,12 @@ class BlockdevError(GraphError):
     """A node that cannot be made (qemu's wording)."""
 
 
-def _same(options: Options) -> Options:
+def _same(options: Options, role: str) -> Options:
     return options
 
 
 class _Builder:
-    def __init__(self, graph: BlockGraph, check_child: Callable[[Options], Options],
+    def __init__(self, graph: BlockGraph, check_child: Callable[[Options, str], Options],
                  wrap: Callable[[Node], Node] | None, opened: list[Node]) -> None:
         self.graph = graph
         self.check_child = check_child
@@ -72,11 +81,13 @@ class _Builder:
         self.opened = opened
         #: (name, node) made so far, children first
         self.made: list[tuple[str, Node]] = []
+        #: backing files opened from image headers so far (against loops)
+        self.depth = 0
 
     def taken(self, name: str) -> bool:
         return name in self.graph or any(made == name for made, _ in self.made)
 
-    def node(self, options: Options, name: str, generated: bool) -> Node:
+    async def node(self, options: Options, name: str, generated: bool) -> Node:
         if not generated and not id_wellformed(name):
             raise BlockdevError(f"Invalid node-name: '{name}'")
         if self.taken(name):
@@ -94,9 +105,13 @@ class _Builder:
             except ValueError as err:
                 raise BlockdevError(f"Parameter 'size': {err}") from None
         elif driver == "rbd":
-            node = _rbd(options, read_only)
+            # connecting to the cluster blocks: not on the event loop
+            node = await asyncio.get_running_loop().run_in_executor(
+                None, _rbd, options, read_only)
         elif driver == "raw":
-            node = self.raw(options, name, read_only)
+            node = await self.raw(options, read_only)
+        elif driver == "qcow2":
+            node = await self.qcow2(options, read_only)
         else:
             raise BlockdevError(f"Unknown driver '{driver}'")
         self.opened.append(node)
@@ -108,8 +123,10 @@ class _Builder:
         self.made.append((name, node))
         return node
 
-    def raw(self, options: Options, name: str, read_only: bool) -> Node:
-        spec = options["file"]
+    async def child(self, options: Options, role: str, read_only: bool,
+                    kind: str) -> Node:
+        """The child ``options[role]`` names (a node name) or describes (inline)."""
+        spec = options[role]
         if isinstance(spec, str):
             child = self.graph.get(spec)
             if child is None:
@@ -118,18 +135,63 @@ class _Builder:
         elif isinstance(spec, dict):
             generated = "node-name" not in spec
             child_name = self.graph.generated_name() if generated else spec["node-name"]
-            child = self.node(self.check_child({**spec, "node-name": child_name}), child_name,
-                              generated)
+            child = await self.node(self.check_child({**spec, "node-name": child_name}, role),
+                                    child_name, generated)
         else:
-            raise BlockdevError("Invalid parameter type for 'file', expected: object or string")
+            raise BlockdevError(f"Invalid parameter type for '{role}', expected: object or "
+                                "string")
         if not child.capabilities.can_write and not read_only:
-            raise BlockdevError(f"Node '{child_name}' is read-only; add the raw node with "
+            raise BlockdevError(f"Node '{child_name}' is read-only; add the {kind} node with "
                                 "'read-only': true")
+        return child
+
+    async def raw(self, options: Options, read_only: bool) -> Node:
+        child = await self.child(options, "file", read_only, "raw")
         try:
             return RawNode(child, offset=options.get("offset", 0), size=options.get("size"),
-                           read_only=read_only)
+                           read_only=read_only, probed=bool(options.get("x-probed")))
         except ValueError as err:
             raise BlockdevError(str(err)) from None
+
+    async def qcow2(self, options: Options, read_only: bool) -> Node:
+        from .qcow2 import Qcow2Error, Qcow2Node, read_info
+
+        file = await self.child(options, "file", read_only, "qcow2")
+        try:
+            info = await read_info(file)
+        except Qcow2Error as err:
+            raise BlockdevError(f"Could not open '{file.filename}': {err}") from None
+        backing: Node | None = None
+        if options.get("backing") is not None:  # a node, or null for none at all
+            backing = await self.child(options, "backing", True, "qcow2")
+        elif "backing" not in options and info.backing_file:
+            backing = await self.backing_file(file, info.backing_file, info.backing_format)
+        try:
+            return await Qcow2Node.open(file, backing=backing, read_only=read_only,
+                                        cache_size=options.get("cache-size"))
+        except Qcow2Error as err:
+            raise BlockdevError(f"Could not open '{file.filename}': {err}") from None
+
+    async def backing_file(self, file: Node, name: str, fmt: str | None) -> Node:
+        """Open the image's backing file as qemu does: relative to the image's own
+        directory, in ``fmt`` (probed if the image does not say), read-only."""
+        path = name if os.path.isabs(name) or not file.filename else os.path.join(
+            os.path.dirname(file.filename), name)
+        self.depth += 1
+        if self.depth > MAX_BACKING_DEPTH:
+            raise BlockdevError(f"Backing chain of '{file.filename}' is deeper than "
+                                f"{MAX_BACKING_DEPTH} images (a loop?)")
+        protocol = {"driver": "file", "filename": path, "read-only": True}
+        if fmt is None:
+            probe = _file(protocol, True)
+            try:
+                fmt = await probe_format(probe)
+            finally:
+                await probe.close()
+        if fmt not in FORMAT_DRIVERS:
+            raise BlockdevError(f"Backing file '{path}': unsupported format '{fmt}'")
+        options: Options = {"driver": fmt, "read-only": True, "file": protocol}
+        return await self.node(options, self.graph.generated_name(), True)
 
 
 def _file(options: Options, read_only: bool) -> Node:
@@ -159,8 +221,8 @@ def _rbd(options: Options, read_only: bool) -> Node:
         raise BlockdevError(str(err.strerror or err)) from None
 
 
-def build(graph: BlockGraph, options: Options, opened: list[Node], *,
-          check_child: Callable[[Options], Options] = _same,
+async def build(graph: BlockGraph, options: Options, opened: list[Node], *,
+          check_child: Callable[[Options, str], Options] = _same,
           wrap: Callable[[Node], Node] | None = None) -> list[tuple[str, Node]]:
     """Open the node ``options`` describe and its inline children, children first.
 
@@ -175,7 +237,7 @@ def build(graph: BlockGraph, options: Options, opened: list[Node], *,
     builder = _Builder(graph, check_child, wrap, opened)
     generated = "node-name" not in options
     name = graph.generated_name() if generated else options["node-name"]
-    builder.node(options, name, generated)
+    await builder.node(options, name, generated)
     return builder.made
 
 

@@ -10,15 +10,23 @@ Rules of this module:
   directly at no cost per request.
 - With a window every request is shifted by ``offset``, fast paths included,
   and ``block_status`` never describes bytes outside the window.
+- A raw node whose format was probed (no ``-f`` given) guards its first sector
+  as qemu does: a write there must cover the whole first ``PROBE_BYTES`` from
+  offset 0 (else EINVAL), and must not make them probe as another format, a
+  qcow2 header (else EPERM), so a guest cannot turn a raw image into one that
+  the next probe would open as qcow2.  Only writes that touch the first
+  sector pay for the check.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 from typing import TYPE_CHECKING
 
 from .filter import FilterNode
 from .node import Extent, FastPaths, Node
+from .probe import PROBE_BYTES, probe_bytes
 
 if TYPE_CHECKING:
     from .node import Data, ReadDone, WriteDone
@@ -40,7 +48,7 @@ class RawNode(FilterNode):
     driver = "raw"
 
     def __init__(self, file: Node, *, offset: int = 0, size: int | None = None,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, probed: bool = False) -> None:
         super().__init__(file)
         # qemu's raw driver's words (raw_apply_options), double space included
         if offset < 0 or offset > file.size:
@@ -54,6 +62,7 @@ class RawNode(FilterNode):
                              f"({file.size})")
         self.offset = offset
         self.size = size
+        self.probed = probed
         if read_only:
             self.capabilities = dataclasses.replace(
                 file.capabilities, can_write=False, can_fua=False, can_trim=False,
@@ -67,18 +76,20 @@ class RawNode(FilterNode):
         return self.offset != 0 or self.size != self.child.size
 
     def resolve(self) -> Node:
-        return self if self.windowed else self.child.resolve()
+        return self if self.windowed or self.probed else self.child.resolve()
 
     def fast_paths(self) -> FastPaths:
         inner = self.child.resolve().fast_paths()
-        if not self.windowed:
-            return inner
-        return _shifted(inner, self.offset)
+        if self.windowed:
+            inner = _shifted(inner, self.offset)
+        return _guarded(inner) if self.probed else inner
 
     async def pread(self, buf: memoryview, offset: int) -> None:
         await self.child.pread(buf, self.offset + offset)
 
     async def pwrite(self, data: Data, offset: int, *, fua: bool = False) -> None:
+        if self.probed and offset < PROBE_BYTES:
+            _check_first_sector(data, offset)
         await self.child.pwrite(data, self.offset + offset, fua=fua)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
@@ -104,6 +115,33 @@ class RawNode(FilterNode):
 
     async def cache(self, offset: int, length: int) -> None:
         await self.child.cache(self.offset + offset, length)
+
+
+def _check_first_sector(data: Data, offset: int) -> None:
+    """Refuse a write to a probed raw image's first sector as qemu does."""
+    if offset != 0 or len(data) < PROBE_BYTES:
+        raise OSError(errno.EINVAL, "a write to the first sector of a probed raw image "
+                      "must cover all of it (give -f raw to lift this)")
+    if probe_bytes(memoryview(data)[:PROBE_BYTES]) != "raw":
+        raise OSError(errno.EPERM, "refusing to write an image header into a probed raw "
+                      "image (give -f raw to allow it)")
+
+
+def _guarded(paths: FastPaths) -> FastPaths:
+    """``paths`` whose writes decline the first sector (the slow path checks it)."""
+    pwrite_nowait, start_write = paths.pwrite_nowait, paths.start_write
+
+    def pwrite_nowait_guarded(data: Data, offset: int) -> bool:
+        assert pwrite_nowait is not None
+        return offset >= PROBE_BYTES and pwrite_nowait(data, offset)
+
+    def start_write_guarded(data: Data, offset: int, fua: bool, done: WriteDone) -> bool:
+        assert start_write is not None
+        return offset >= PROBE_BYTES and start_write(data, offset, fua, done)
+
+    return dataclasses.replace(
+        paths, pwrite_nowait=pwrite_nowait_guarded if pwrite_nowait is not None else None,
+        start_write=start_write_guarded if start_write is not None else None)
 
 
 def _shifted(paths: FastPaths, shift: int) -> FastPaths:

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..block.blockdev import BlockdevError, add_all, build
 from ..block.faults import FaultFilter
+from ..block.file import FileNode
 from ..block.graph import BlockGraph
+from ..block.probe import probe_format
 from ..block.sizes import parse_size
 from ..cmdline import UsageError
 from ..proto.handshake import TlsMode
@@ -44,50 +46,80 @@ READY_ANSWER_MAX = 4096
 _FAILURE_MESSAGE_MAX = 4000
 
 
-def blockdev_options(config: Config) -> dict[str, Any]:
-    """The nodes qemu-nbd would build for IMAGE, as blockdev options: a raw format
-    node (with ``-o``'s window) over the image's protocol node."""
+def _protocol_options(config: Config) -> tuple[dict[str, Any], bool]:
+    """The image's protocol node as blockdev options, and whether it is read-only."""
     read_only = config.read_only
-    discard = config.discard
-    protocol: dict[str, Any]
     if config.image.startswith(MEMORY_PREFIX):
         try:
             size = parse_size(config.image[len(MEMORY_PREFIX):])
         except ValueError as err:
             raise UsageError(f"bad memory disk size: {err}") from None
-        protocol = {"driver": "memory", "size": size}
-    elif config.image.startswith(RBD_PREFIX):
+        return {"driver": "memory", "size": size, "read-only": read_only}, read_only
+    if config.image.startswith(RBD_PREFIX):
         from ..block.rbdspec import RbdSpecError, parse_rbd_filename
 
         try:
             spec = parse_rbd_filename(config.image)
         except RbdSpecError as err:
             raise UsageError(str(err)) from None
-        protocol = {"driver": "rbd", "x-spec": spec, "x-lock": config.rbd_lock,
-                    "discard": discard}
         read_only = read_only or spec.snapshot is not None  # a snapshot is served read-only
-    else:
-        protocol = {"driver": "file", "filename": config.image, "discard": discard}
-    options: dict[str, Any] = {"driver": "raw", "read-only": read_only,
-                               "file": {**protocol, "read-only": read_only}}
+        return {"driver": "rbd", "x-spec": spec, "x-lock": config.rbd_lock,
+                "discard": config.discard, "read-only": read_only}, read_only
+    return {"driver": "file", "filename": config.image, "discard": config.discard,
+            "read-only": read_only}, read_only
+
+
+async def _probe(config: Config) -> str:
+    """The format of an image file given without -f, as qemu-nbd probes it."""
+    try:
+        probe = FileNode(config.image, read_only=True)
+    except OSError as err:
+        raise UsageError(f"Could not open '{config.image}': {err.strerror or err}") from None
+    try:
+        fmt = await probe_format(probe)
+    finally:
+        await probe.close()
+    return fmt
+
+
+async def blockdev_options(config: Config) -> dict[str, Any]:
+    """The nodes qemu-nbd would build for IMAGE, as blockdev options: a format node
+    (raw, with ``-o``'s window, or qcow2, which opens its backing chain) over the
+    image's protocol node.  Without -f an image file's format is probed."""
+    protocol, read_only = _protocol_options(config)
+    fmt, probed = config.fmt, False
+    if fmt is None and protocol["driver"] == "file":
+        fmt = await _probe(config)
+        probed = fmt == "raw"
+    options: dict[str, Any] = {"driver": fmt or "raw", "read-only": read_only,
+                               "file": protocol}
     if config.offset:
+        if options["driver"] != "raw":
+            raise UsageError(f"-o/--offset is for raw images; '{config.image}' is "
+                             f"{options['driver']}")
         options["offset"] = config.offset
+    if probed:
+        options["x-probed"] = True
     return options
 
 
-def open_graph(config: Config) -> tuple[BlockGraph, Node]:
+async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
     """Build the image's nodes (and ``--fault``'s filter over them); the graph and the
     node to export.  ``UsageError`` (one line) if the image cannot be opened."""
     graph = BlockGraph()
     opened: list[Node] = []
+    options = await blockdev_options(config)
     try:
-        node = add_all(graph, build(graph, blockdev_options(config), opened))
+        node = add_all(graph, await build(graph, options, opened))
     except BlockdevError as err:
         for each in reversed(opened):
-            asyncio.run(each.close())
+            await each.close()
         if config.image.startswith(MEMORY_PREFIX):
             raise UsageError(f"bad memory disk size: {err}") from None
         raise UsageError(str(err)) from None
+    if options.get("x-probed"):  # one line, once the image is known to open
+        print(f"pynbd: no format given for '{config.image}': probed raw; writes to its "
+              "first sector are restricted (give -f raw to lift this)", file=sys.stderr)
     if config.faults:
         faults = FaultFilter(node, fault_rules(config.faults), seed=config.fault_seed)
         graph.add(faults, graph.generated_name())
@@ -121,6 +153,15 @@ def export_uri(config: Config, sock: socket.socket) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{port}/{name}"
+
+
+async def _main(config: Config, sock: socket.socket) -> None:
+    """Open the storage in the serving loop, say so, serve, then close it."""
+    graph, node = await open_graph(config)
+    if config.pid_file:
+        write_pid_file(config.pid_file)
+    _signal_ready()
+    await _serve(config, graph, node, sock)
 
 
 async def _serve(config: Config, graph: BlockGraph, node: Node, sock: socket.socket) -> None:
@@ -179,9 +220,6 @@ def run(config: Config) -> int:
     """Serve until stopped; return the exit status."""
     setup_logging(config.verbose, "pynbd")
     prepare_process()
-    # librados's threads do not survive fork(): with --fork, the child opens rbd images
-    defer_open = config.fork and config.image.startswith(RBD_PREFIX)
-    opened = None if defer_open else open_graph(config)
     sock = bind_socket(config)
     if config.print_uri:
         print(export_uri(config, sock), flush=True)
@@ -193,18 +231,14 @@ def run(config: Config) -> int:
                 print(f"pynbd: {answer[6:].decode(errors='replace')}", file=sys.stderr)
                 os._exit(2)
             os._exit(0 if answer == b"ok" else 1)
-    if opened is None:
-        try:
-            opened = open_graph(config)
-        except UsageError as err:
-            _signal_failed(str(err))
-            raise
+    # the storage is opened in the serving loop, after any fork (neither librados's
+    # threads nor the I/O pool's survive fork())
     try:
-        if config.pid_file:
-            write_pid_file(config.pid_file)
-        _signal_ready()
         with asyncio.Runner(loop_factory=event_loop_factory(config.poll_max_ns)) as runner:
-            runner.run(_serve(config, *opened, sock))
+            runner.run(_main(config, sock))
+    except UsageError as err:
+        _signal_failed(str(err))
+        raise
     finally:
         sock.close()
         if config.socket_path is not None:

@@ -65,7 +65,8 @@ class Config:
     port: int = DEFAULT_PORT
     bind: str = "0.0.0.0"
     socket_path: str | None = None
-    fmt: str = "raw"
+    #: the image format (raw, qcow2); None: probed, as qemu-nbd does without -f
+    fmt: str | None = None
     offset: int = 0
     discard: str = "ignore"
     fork: bool = False
@@ -145,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 0.0.0.0)")
     p.add_argument("-k", "--socket", dest="socket_path", metavar="PATH",
                    help="listen on a Unix socket instead of TCP")
-    p.add_argument("-f", "--format", dest="fmt", default="raw", metavar="FORMAT",
-                   help="image format (raw)")
+    p.add_argument("-f", "--format", dest="fmt", default=None, metavar="FORMAT",
+                   help="image format: raw or qcow2 (default: probed from the image)")
     p.add_argument("-o", "--offset", type=_nonneg_int, default=0,
                    help="export the image starting at this byte offset")
     p.add_argument("--discard", choices=("ignore", "unmap", "off", "on"), default="ignore",
@@ -256,8 +257,10 @@ def _tls_settings(ns: argparse.Namespace) -> tuple[TlsCredentials | None, TlsMod
 def parse_args(argv: Sequence[str]) -> Config:
     """Turn the command line into a ``Config``; raise ``UsageError`` on bad input."""
     ns = build_parser().parse_args(argv)
-    if ns.fmt != "raw":
-        raise UsageError(f"unsupported image format {ns.fmt!r} (only raw is supported)")
+    if ns.fmt not in (None, "raw", "qcow2"):
+        raise UsageError(f"unsupported image format {ns.fmt!r} (raw or qcow2)")
+    if ns.fmt == "qcow2" and (ns.image.startswith(MEMORY_PREFIX)):
+        raise UsageError("a memory: disk is raw (-f qcow2 needs an image file)")
     if ns.socket_path is not None and not ns.socket_path:
         raise UsageError("socket path must not be empty")
     discard = {"off": "ignore", "on": "unmap"}.get(ns.discard, ns.discard)

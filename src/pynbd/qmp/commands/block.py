@@ -4,9 +4,8 @@ Rules of this module:
 - The nodes live in the engine's block graph (``pynbd.block.graph``) and are
   built by the one builder the command line uses too (``pynbd.block.blockdev``),
   which checks node names as qemu does.  This module adds QMP's part: the
-  argument schema (inline children are checked against it as ``file``), the
-  error class, and running the build off the loop (an RBD image connects to
-  its cluster).
+  argument schema (inline children are checked against it as ``file``) and
+  the error class.
 - Every node the daemon makes gets an implicit fault filter over it
   (``FaultFilter``, shown as the node under it), so that ``x-fault-add`` can
   fail or delay requests of a node that exports already use.
@@ -15,8 +14,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-import asyncio
-import functools
 from typing import TYPE_CHECKING
 
 from ...block.blockdev import add_all, build
@@ -43,6 +40,10 @@ _RBD = s.Struct({"pool": str, "namespace": str, "image": str, "conf": str, "snap
                  "user": str, "discard": s.Enum(("ignore", "unmap")),
                  "x-lock": s.Enum(("auto", "exclusive"))},
                 frozenset({"namespace", "conf", "snapshot", "user", "discard", "x-lock"}))
+# qemu's BlockdevOptionsQcow2 members pynbd supports; backing: a node name, inline
+# options, or null for no backing node at all
+_QCOW2 = s.Struct({"file": object, "backing": object, "lazy-refcounts": bool,
+                   "cache-size": int}, frozenset({"backing", "lazy-refcounts", "cache-size"}))
 _COMMON = {"node-name": str, "read-only": bool}
 
 
@@ -55,6 +56,7 @@ BLOCKDEV_ADD = s.Union_("driver", {
     "raw": _node_variant(_RAW),
     "memory": _node_variant(_MEMORY),
     "rbd": _node_variant(_RBD),
+    "qcow2": _node_variant(_QCOW2),
 })
 
 
@@ -66,12 +68,13 @@ def _implicit_faults(node: Node) -> Node:
 
 async def _blockdev_add(engine: Engine, args: dict[str, JSON]) -> JSON:
     opened: list[Node] = []
-    check_child = functools.partial(s.check, BLOCKDEV_ADD, path="file")
+    def check_child(options: dict[str, JSON], role: str) -> dict[str, JSON]:
+        return s.check(BLOCKDEV_ADD, options, role)
+
     async with engine.graph_lock:
         try:
-            made = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                build, engine.graph, args, opened, check_child=check_child,
-                wrap=_implicit_faults))
+            made = await build(engine.graph, args, opened, check_child=check_child,
+                               wrap=_implicit_faults)
         except BaseException as err:
             for node in reversed(opened):  # a failed command leaves nothing behind
                 await node.close()
