@@ -127,6 +127,19 @@ def shown(node: Node) -> Node:
     return node
 
 
+def _image_info(node: Node) -> dict[str, Any]:
+    """qemu's ImageInfo of a node: its file, format and size, and its backing
+    image's, nested, down the chain."""
+    image: dict[str, Any] = {"filename": node.filename, "format": node.driver,
+                             "virtual-size": node.size}
+    backing = node.children.get("backing")
+    if backing is not None:
+        below = shown(backing)
+        image["backing-filename"] = below.filename
+        image["backing-image"] = _image_info(below)
+    return image
+
+
 class BlockGraph:
     """The named nodes of one server or daemon."""
 
@@ -236,9 +249,11 @@ class BlockGraph:
     def describe(self, name: str, node: Node) -> dict[str, Any]:
         """One entry of ``query-named-block-nodes``, as qemu shows a node."""
         real = shown(node)
-        image: dict[str, Any] = {"filename": real.filename, "format": real.driver,
-                                 "virtual-size": real.size}
+        image = _image_info(real)
+        backing = real.children.get("backing")
+        extra = {} if backing is None else {"backing_file": shown(backing).filename}
         return {
+            **extra,
             "node-name": name, "drv": real.driver, "ro": not real.capabilities.can_write,
             "file": real.filename, "backing_file_depth": backing_depth(real),
             "encrypted": False, "detect_zeroes": "off",
