@@ -205,9 +205,10 @@ def tls_context(target: Target) -> ssl.SSLContext:
 
 
 async def _negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     target: Target, meta_contexts: Sequence[str]) -> HandshakeComplete:
-    core = ClientHandshake(target.export, structured=True, meta_contexts=meta_contexts,
-                           tls=target.tls)
+                     target: Target, meta_contexts: Sequence[str],
+                     extended: bool) -> HandshakeComplete:
+    core = ClientHandshake(target.export, structured=True, extended=extended,
+                           meta_contexts=meta_contexts, tls=target.tls)
     while True:
         event = core.next_event()
         out = core.data_to_send()
@@ -258,8 +259,13 @@ class NBDClient:
     @classmethod
     async def connect(cls, uri: str, *, tls_certificates: str | None = None,
                       meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
-                      connect_timeout: float = CONNECT_TIMEOUT) -> NBDClient:
-        """Connect and negotiate; ``ValueError`` for a bad URI, else ``ConnectError``."""
+                      connect_timeout: float = CONNECT_TIMEOUT,
+                      extended_headers: bool = True) -> NBDClient:
+        """Connect and negotiate; ``ValueError`` for a bad URI, else ``ConnectError``.
+
+        Extended headers are asked for unless ``extended_headers`` is false;
+        a server that refuses them is spoken to with structured replies.
+        """
         target = parse_uri(uri, tls_certificates=tls_certificates)
         if target.tls:
             tls_context(target)  # unusable certificate files fail before connecting
@@ -270,7 +276,8 @@ class NBDClient:
                     reader, writer = await asyncio.open_unix_connection(target.socket)
                 else:
                     reader, writer = await asyncio.open_connection(target.host, target.port)
-                done = await _negotiate(reader, writer, target, meta_contexts)
+                done = await _negotiate(reader, writer, target, meta_contexts,
+                                        extended_headers)
         except BaseException as err:
             if writer is not None:
                 writer.transport.abort()
@@ -310,6 +317,11 @@ class NBDClient:
     @property
     def structured(self) -> bool:
         return self._info.structured
+
+    @property
+    def extended(self) -> bool:
+        """Extended headers were negotiated (32-byte headers, 64-bit lengths)."""
+        return self._info.extended
 
     @property
     def block_sizes(self) -> BlockSizes | None:

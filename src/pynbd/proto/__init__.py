@@ -12,6 +12,7 @@ from .events import (
     Request,
     StartTLS,
 )
+from .extended import ExtendedTransmission
 from .handshake import ServerHandshake
 from .negotiated import BlockSizes, ExportCatalog, ExportView, Negotiated, transmission_flags
 from .transmission import ServerTransmission
@@ -22,6 +23,7 @@ __all__ = [
     "Disconnect",
     "ExportCatalog",
     "ExportView",
+    "ExtendedTransmission",
     "HandshakeClosed",
     "HandshakeDone",
     "InvalidRequest",

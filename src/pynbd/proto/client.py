@@ -96,18 +96,24 @@ class ClientHandshake:
     Args:
         export_name: the export to ask for.
         structured: ask for structured replies (needed for meta contexts).
+        extended: ask for extended headers first (with ``structured`` only);
+            if the server refuses them, structured replies are asked for instead.
         meta_contexts: contexts to select, e.g. ``["base:allocation"]``.
         tls: send STARTTLS first; the shell upgrades on ``StartTLS`` and then
             calls ``tls_started``.
 
-    Order of options: STARTTLS, STRUCTURED_REPLY, SET_META_CONTEXT, then GO
-    asking for NBD_INFO_BLOCK_SIZE (EXPORT_NAME if the server does not know GO).
+    Order of options: STARTTLS, EXTENDED_HEADERS, STRUCTURED_REPLY (unless
+    extended headers were acknowledged), SET_META_CONTEXT, then GO asking for
+    NBD_INFO_BLOCK_SIZE (EXPORT_NAME if the server does not know GO, unless
+    extended headers are on: a client must not use EXPORT_NAME then).
     """
 
     def __init__(self, export_name: str = "", *, structured: bool = True,
-                 meta_contexts: Sequence[str] = (), tls: bool = False) -> None:
+                 extended: bool = False, meta_contexts: Sequence[str] = (),
+                 tls: bool = False) -> None:
         self._name = _string(export_name)
         self._want_structured = structured
+        self._want_extended = extended and structured
         self._queries = [_string(q) for q in meta_contexts]
         self._want_tls = tls
         self._buf = bytearray()
@@ -122,6 +128,7 @@ class ClientHandshake:
 
     def _reset(self) -> None:
         self._structured = False
+        self._extended = False
         self._contexts: dict[str, int] = {}
         self._export: tuple[int, int] | None = None
         self._sizes: BlockSizes | None = None
@@ -173,6 +180,8 @@ class ClientHandshake:
 
     def _next_step(self) -> None:
         option = self._steps.pop(0)
+        if option == Opt.STRUCTURED_REPLY and self._extended:
+            option = self._steps.pop(0)
         if option == Opt.SET_META_CONTEXT and not self._structured:
             option = self._steps.pop(0)
         if option == Opt.SET_META_CONTEXT:
@@ -214,6 +223,8 @@ class ClientHandshake:
         self._out.append(wire.CLIENT_FLAGS.pack(client))
         if self._want_tls:
             self._steps.append(Opt.STARTTLS)
+        if self._want_extended:
+            self._steps.append(Opt.EXTENDED_HEADERS)
         if self._want_structured:
             self._steps.append(Opt.STRUCTURED_REPLY)
             if self._queries:
@@ -244,6 +255,7 @@ class ClientHandshake:
         handler: Callable[[int, bytes], ClientHandshakeEvent | None] = {
             Opt.STARTTLS: self._on_starttls,
             Opt.STRUCTURED_REPLY: self._on_structured,
+            Opt.EXTENDED_HEADERS: self._on_extended,
             Opt.SET_META_CONTEXT: self._on_meta_context,
             Opt.GO: self._on_go,
         }[self._option]
@@ -253,9 +265,12 @@ class ClientHandshake:
         option = self._option
         if option == Opt.STRUCTURED_REPLY:
             self._structured = False
+        elif option == Opt.EXTENDED_HEADERS:
+            self._extended = False
         elif option == Opt.SET_META_CONTEXT:
             self._contexts = {}
-        elif option == Opt.GO and rep == Rep.ERR_UNSUP and not self._go_fallback:
+        elif (option == Opt.GO and rep == Rep.ERR_UNSUP and not self._go_fallback
+              and not self._extended):
             self._go_fallback = True
             self._option = Opt.EXPORT_NAME
             self._out.append(wire.OPTION_HEADER.pack(IHAVEOPT, Opt.EXPORT_NAME,
@@ -284,6 +299,12 @@ class ClientHandshake:
 
     def _on_structured(self, rep: int, payload: bytes) -> None:
         self._expect_ack(rep, payload, Opt.STRUCTURED_REPLY)
+        self._structured = True
+        self._next_step()
+
+    def _on_extended(self, rep: int, payload: bytes) -> None:
+        self._expect_ack(rep, payload, Opt.EXTENDED_HEADERS)
+        self._extended = True
         self._structured = True
         self._next_step()
 
@@ -348,4 +369,4 @@ class ClientHandshake:
             size=size, flags=TransmissionFlag(flags), structured=self._structured,
             meta_contexts=dict(self._contexts), block_sizes=self._sizes,
             name=self._info_name, description=self._description,
-            trailing=self._take(len(self._buf)))
+            trailing=self._take(len(self._buf)), extended=self._extended)

@@ -64,6 +64,8 @@ class HandshakeComplete:
     name: str | None = None
     description: str | None = None
     trailing: bytes = b""
+    #: NBD_OPT_EXTENDED_HEADERS was acknowledged (``structured`` is then true too)
+    extended: bool = False
 
 
 ClientHandshakeEvent = HandshakeComplete | HandshakeFailed | OptionRefused | StartTLS | _Sentinel

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from . import wire
 from .constants import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     MAX_OPTION_DATA,
     MAX_PAYLOAD,
     REQUEST_MAGIC,
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 _MAX_ERROR_CHUNK = MAX_OPTION_DATA
 #: at most 2^20 descriptors per BLOCK_STATUS chunk (spec section 6.4)
 _MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
+_MAX_STATUS_EXT_CHUNK = 8 + 16 * (1 << 20)
+_MAX_LENGTH32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 _RANGED_ERROR_CMDS = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
                                 Cmd.BLOCK_STATUS})
@@ -103,17 +107,19 @@ class ClientTransmission:
     """Builds requests and parses replies for one connection.
 
     Args:
-        size, flags, structured: what the handshake negotiated.
+        size, flags, structured, extended: what the handshake negotiated
+            (with ``extended``, requests and replies have 32-byte headers).
         meta_contexts: the selected contexts, id -> name.
         max_payload: the largest READ/WRITE the client will send.
     """
 
     def __init__(self, *, size: int, flags: TransmissionFlag, structured: bool,
                  meta_contexts: Mapping[int, str] | None = None,
-                 max_payload: int = MAX_PAYLOAD) -> None:
+                 max_payload: int = MAX_PAYLOAD, extended: bool = False) -> None:
         self.size = size
         self.flags = flags
-        self.structured = structured
+        self.structured = structured or extended
+        self.extended = extended
         self.meta_contexts = dict(meta_contexts or {})
         self.max_payload = max_payload
         self._out: list[Buffer] = []
@@ -129,7 +135,7 @@ class ClientTransmission:
         core = cls(size=done.size, flags=done.flags, structured=done.structured,
                    meta_contexts={cid: name for name, cid in done.meta_contexts.items()},
                    max_payload=min(MAX_PAYLOAD, done.block_sizes.maximum)
-                   if done.block_sizes else MAX_PAYLOAD)
+                   if done.block_sizes else MAX_PAYLOAD, extended=done.extended)
         core.receive_data(done.trailing)
         return core
 
@@ -153,7 +159,16 @@ class ClientTransmission:
         while cookie in self._pending:
             cookie = (cookie + 1) & _MASK64
         self._next_cookie = (cookie + 1) & _MASK64
-        self._out.append(wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length))
+        if self.extended:
+            if payload is not None:
+                flags |= CmdFlag.PAYLOAD_LEN
+            self._out.append(wire.EXTENDED_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags, cmd,
+                                                        cookie, offset, length))
+        elif length > _MAX_LENGTH32:
+            raise LocalProtocolError(f"a length of {length} needs extended headers")
+        else:
+            self._out.append(wire.REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset,
+                                               length))
         if payload is not None:
             self._out.append(payload)
         if cmd == Cmd.DISC:
@@ -248,7 +263,12 @@ class ClientTransmission:
                 if avail < 4:
                     return NEED_DATA
                 (magic,) = wire.U32.unpack_from(self._buf, self._pos)
-                if magic == SIMPLE_REPLY_MAGIC:
+                if self.extended:
+                    if magic != EXTENDED_REPLY_MAGIC:
+                        raise ProtocolError(f"bad reply magic {magic:#x} (extended headers "
+                                            "are on)")
+                    event = self._parse_chunk(avail)
+                elif magic == SIMPLE_REPLY_MAGIC:
                     event = self._parse_simple(avail)
                 elif magic == STRUCTURED_REPLY_MAGIC:
                     if not self.structured:
@@ -300,10 +320,15 @@ class ClientTransmission:
             if p.cmd != Cmd.READ:
                 raise ProtocolError(f"{ReplyType(kind).name} chunk for {p.cmd.name}")
             return 8 + p.length if kind == ReplyType.OFFSET_DATA else wire.OFFSET_HOLE.size
-        if kind == ReplyType.BLOCK_STATUS:
+        # BLOCK_STATUS_EXT is a type only extended headers know (and then the only one)
+        if kind == ReplyType.BLOCK_STATUS or (kind == ReplyType.BLOCK_STATUS_EXT
+                                              and self.extended):
             if p.cmd != Cmd.BLOCK_STATUS:
-                raise ProtocolError(f"BLOCK_STATUS chunk for {p.cmd.name}")
-            return _MAX_STATUS_CHUNK
+                raise ProtocolError(f"{ReplyType(kind).name} chunk for {p.cmd.name}")
+            if kind == ReplyType.BLOCK_STATUS and self.extended:
+                raise ProtocolError("BLOCK_STATUS chunk with extended headers on "
+                                    "(BLOCK_STATUS_EXT is the one)")
+            return _MAX_STATUS_EXT_CHUNK if self.extended else _MAX_STATUS_CHUNK
         if kind == ReplyType.ERROR_OFFSET and p.cmd not in _RANGED_ERROR_CMDS:
             raise ProtocolError(f"ERROR_OFFSET chunk for {p.cmd.name}")
         if kind & 0x8000:
@@ -311,11 +336,18 @@ class ClientTransmission:
         raise ProtocolError(f"unknown structured chunk type {kind:#x}")
 
     def _parse_chunk(self, avail: int) -> ClientTransmissionEvent | None:
-        head = wire.STRUCTURED_CHUNK
+        head = wire.EXTENDED_CHUNK if self.extended else wire.STRUCTURED_CHUNK
         if avail < head.size:
             return NEED_DATA
-        _, flags, kind, cookie, length = head.unpack_from(self._buf, self._pos)
-        p = self._lookup(cookie)
+        if self.extended:
+            _, flags, kind, cookie, offset, length = head.unpack_from(self._buf, self._pos)
+            p = self._lookup(cookie)
+            if offset != p.offset:
+                raise ProtocolError(f"reply to cookie {cookie:#x} names offset {offset}, "
+                                    f"not the request's {p.offset}")
+        else:
+            _, flags, kind, cookie, length = head.unpack_from(self._buf, self._pos)
+            p = self._lookup(cookie)
         if length > self._chunk_limit(p, kind):
             raise ProtocolError(f"chunk type {kind:#x} with {length} bytes of payload")
         if avail < head.size + length:
@@ -351,6 +383,16 @@ class ClientTransmission:
             self._cover(p, offset, hole)
         elif kind == ReplyType.BLOCK_STATUS:
             self._apply_status(p, payload)
+        elif kind == ReplyType.BLOCK_STATUS_EXT:
+            if len(payload) < 24 or (len(payload) - 8) % 16:
+                raise ProtocolError(f"BLOCK_STATUS_EXT chunk of {len(payload)} bytes")
+            context_id, count = wire.BLOCK_STATUS_EXT.unpack_from(payload)
+            if count != (len(payload) - 8) // 16:
+                raise ProtocolError(f"BLOCK_STATUS_EXT counts {count} descriptors in "
+                                    f"{len(payload)} bytes")
+            self._apply_extents(p, context_id, [
+                (int(length), int(status))
+                for length, status in wire.EXTENT_EXT.iter_unpack(payload[8:])])
         else:
             self._apply_error(p, kind, payload)
 
@@ -371,13 +413,17 @@ class ClientTransmission:
         if len(payload) < 12 or (len(payload) - 4) % 8:
             raise ProtocolError(f"BLOCK_STATUS chunk of {len(payload)} bytes")
         (context_id,) = wire.U32.unpack_from(payload)
+        self._apply_extents(p, context_id, [
+            (int(length), int(status)) for length, status in wire.EXTENT.iter_unpack(
+                payload[4:])])
+
+    def _apply_extents(self, p: _Pending, context_id: int,
+                       extents: list[tuple[int, int]]) -> None:
         name = self.meta_contexts.get(context_id)
         if name is None:
             raise ProtocolError(f"BLOCK_STATUS for unknown context id {context_id}")
         if name in p.extents:
             raise ProtocolError(f"two BLOCK_STATUS chunks for context {name!r}")
-        extents = [(int(length), int(status))
-                   for length, status in wire.EXTENT.iter_unpack(payload[4:])]
         if any(length == 0 for length, _ in extents):
             raise ProtocolError("BLOCK_STATUS extent of zero length")
         if p.flags & CmdFlag.REQ_ONE and (len(extents) != 1 or extents[0][0] > p.length):

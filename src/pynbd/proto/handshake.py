@@ -31,6 +31,7 @@ from .constants import (
     Info,
     Opt,
     Rep,
+    TransmissionFlag,
 )
 from .errors import LocalProtocolError, ProtocolError
 from .events import NEED_DATA, HandshakeClosed, HandshakeDone, HandshakeEvent, StartTLS
@@ -131,7 +132,8 @@ class ServerHandshake:
     STARTTLS rules (the lessons of nbdkit's CVE-2021-3716): a client that sends
     anything after STARTTLS before the TLS handshake is dropped, so injected
     plaintext is never acted on; once ``tls_started`` is called every earlier
-    negotiation result (structured replies, meta contexts) is forgotten.
+    negotiation result (structured replies, extended headers, meta contexts) is
+    forgotten.
     """
 
     def __init__(self, catalog: ExportCatalog, *, refusal: str | None = None,
@@ -158,10 +160,12 @@ class ServerHandshake:
             Opt.STRUCTURED_REPLY: self._handle_structured_reply,
             Opt.LIST_META_CONTEXT: self._handle_list_meta_context,
             Opt.SET_META_CONTEXT: self._handle_set_meta_context,
+            Opt.EXTENDED_HEADERS: self._handle_extended_headers,
         }
 
     def _reset_negotiation(self) -> None:
         self._structured = False
+        self._extended = False
         self._meta_export: str | None = None
         self._meta_contexts: dict[int, str] = {}
 
@@ -296,6 +300,9 @@ class ServerHandshake:
     # -- option handlers --------------------------------------------------------
 
     def _handle_export_name(self, data: bytes) -> HandshakeEvent:
+        if self._extended:
+            # the client MUST NOT, and EXPORT_NAME has no error reply: close (as qemu)
+            return self._close("NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS")
         name = _Reader(data).string(len(data))
         export = self._find_export(name)
         negotiated = self._negotiated(export)
@@ -384,10 +391,24 @@ class ServerHandshake:
     def _handle_structured_reply(self, data: bytes) -> None:
         if data:
             raise _OptionRefused(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self._extended:
+            raise _OptionRefused(Rep.ERR_EXT_HEADER_REQD,
+                                 "extended headers are on, and take precedence")
         if self._structured:
             raise _OptionRefused(Rep.ERR_INVALID, "structured replies are already on")
         self._structured = True
         self._reply(Opt.STRUCTURED_REPLY, Rep.ACK)
+
+    def _handle_extended_headers(self, data: bytes) -> None:
+        """Extended headers (they imply structured replies; asked for after
+        STRUCTURED_REPLY, they take its place)."""
+        if data:
+            raise _OptionRefused(Rep.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")
+        if self._extended:
+            raise _OptionRefused(Rep.ERR_INVALID, "extended headers are already on")
+        self._extended = True
+        self._structured = True
+        self._reply(Opt.EXTENDED_HEADERS, Rep.ACK)
 
     def _parse_meta_request(self, data: bytes) -> tuple[ExportView, list[str]]:
         reader = _Reader(data)
@@ -424,10 +445,16 @@ class ServerHandshake:
 
     def _negotiated(self, export: ExportView) -> Negotiated:
         contexts = self._meta_contexts if self._meta_export == export.name else {}
+        flags = export.transmission_flags(structured=self._structured)
+        if self._extended and contexts:
+            # BLOCK_STATUS naming its contexts in a payload: only with extended
+            # headers, and not offered when there is no context to name
+            flags |= TransmissionFlag.BLOCK_STATUS_PAYLOAD
         return Negotiated(
             export=export,
-            flags=export.transmission_flags(structured=self._structured),
+            flags=flags,
             structured=self._structured,
+            extended=self._extended,
             meta_contexts=dict(contexts),
             block_sizes=BlockSizes(),
         )

@@ -57,6 +57,9 @@ class Negotiated:
     export: ExportView
     flags: TransmissionFlag
     structured: bool = False
+    #: NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte request and reply
+    #: headers (``structured`` is then true as well)
+    extended: bool = False
     #: selected metadata contexts, id -> name
     meta_contexts: dict[int, str] = dataclasses.field(default_factory=dict)
     block_sizes: BlockSizes = BlockSizes()

@@ -115,7 +115,14 @@ SPARE_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 
 class ServerTransmission:
-    """Parses requests and builds replies for one connection."""
+    """Parses requests and builds replies for one connection (compact
+    headers; ``proto.extended.ExtendedTransmission`` is the one for a
+    connection that negotiated extended headers)."""
+
+    #: bytes in a request header
+    HEADER_SIZE = wire.REQUEST.size
+    #: the largest length a request without a payload may name
+    MAX_LENGTH = _MAX_LENGTH
 
     def __init__(self, negotiated: Negotiated, *, max_payload: int = MAX_PAYLOAD) -> None:
         self.negotiated = negotiated
@@ -185,7 +192,7 @@ class ServerTransmission:
         if self._pos == self._end:
             self._pos = self._end = 0
             if self._header_first:
-                return memoryview(self._buf)[:wire.REQUEST.size]
+                return memoryview(self._buf)[:self.HEADER_SIZE]
         size = len(self._buf)
         free = size - self._end
         if self._grow or free * 4 < size or free < self.bytes_wanted:
@@ -250,7 +257,7 @@ class ServerTransmission:
         """Bytes received that no event has accounted for yet."""
         pending = self._end - self._pos
         if self._payload is not None:
-            pending += wire.REQUEST.size + self._filled
+            pending += self.HEADER_SIZE + self._filled
         return pending
 
     @property
@@ -365,7 +372,7 @@ class ServerTransmission:
                     or (rule.contexts and not self._has_contexts)):
                 continue
             rules[int(command)] = (_ALL_FLAGS & ~(int(rule.flags) & ~unusable),
-                                   self._max_payload if rule.payload else _MAX_LENGTH,
+                                   self._max_payload if rule.payload else self.MAX_LENGTH,
                                    1 if rule.nonempty else 0, rule.ranged, rule.empty)
         return rules
 

@@ -47,3 +47,13 @@ OFFSET_HOLE = struct.Struct(">QI")
 ERROR_CHUNK = struct.Struct(">IH")
 #: one BLOCK_STATUS descriptor: length(32) status flags(32)
 EXTENT = struct.Struct(">II")
+
+# -- after NBD_OPT_EXTENDED_HEADERS --
+#: extended request: magic(32) flags(16) type(16) cookie(64) offset(64) length(64)
+EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
+#: extended chunk: magic(32) flags(16) type(16) cookie(64) offset(64) payload length(64)
+EXTENDED_CHUNK = struct.Struct(">IHHQQQ")
+#: BLOCK_STATUS_EXT prefix: context id(32) descriptor count(32)
+BLOCK_STATUS_EXT = struct.Struct(">II")
+#: one BLOCK_STATUS_EXT descriptor: length(64) status flags(64)
+EXTENT_EXT = struct.Struct(">QQ")

@@ -53,6 +53,7 @@ from ..proto.events import (
     Request,
     StartTLS,
 )
+from ..proto.extended import ExtendedTransmission
 from ..proto.handshake import ServerHandshake
 from ..proto.transmission import ServerTransmission
 from .connstate import READ, WRITE, ConnectionStats
@@ -338,7 +339,13 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
             self._transport.close()
             return
         self.export = export
-        self._core = ServerTransmission(done.negotiated)
+        # the compact and the extended parser are separate classes, so neither
+        # connection's per-request path looks at which one it has
+        if done.negotiated.extended:
+            self._core = ExtendedTransmission(done.negotiated)
+            log.info("%s: extended headers", self.peer)
+        else:
+            self._core = ServerTransmission(done.negotiated)
         sock = self._transport.get_extra_info("socket")
         plain_socket = sock is not None and self._transport.get_extra_info("sslcontext") is None
         if plain_socket:

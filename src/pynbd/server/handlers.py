@@ -37,9 +37,10 @@ def clip_extents(extents: Iterable[Extent], offset: int, end: int,
                  ) -> list[tuple[int, ExtentFlags]]:
     """``(length, flags)`` of the extents ``block_status`` returned from ``offset``,
     up to ``end`` at most: the last one that reaches ``end`` is cut there and any
-    after it dropped.  Since a request's length is a 32-bit field, every length
-    returned fits one too, whatever the node reported.  May cover less than
-    up to ``end`` (as ``block_status`` may)."""
+    after it dropped.  So every length returned fits the request's length field
+    (32 bits, or 64 with extended headers) and the reply's descriptors,
+    whatever the node reported.  May cover less than up to ``end`` (as
+    ``block_status`` may)."""
     clipped: list[tuple[int, ExtentFlags]] = []
     pos = offset
     for extent in extents:
