@@ -2,7 +2,8 @@
 
 Rules of this module: it only picks the command and imports it when used, so
 that each command starts without loading the others.  ``pynbd daemon``,
-``pynbd check`` and ``pynbd tls-setup`` are subcommands; anything else is the
+``pynbd check`` and ``pynbd tls-setup`` are subcommands; ``-L``/``--list``
+lists a server's exports (``pynbd.commands.listing``); anything else is the
 qemu-nbd compatible ``pynbd [options] IMAGE`` (``pynbd.commands``).
 """
 
@@ -31,6 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .check import main as check_main
 
         return check_main(rest)
+    from .commands.listing import main as list_main
+    from .commands.listing import wants_listing
+
+    if wants_listing(args):
+        return list_main(args)
     from .commands.run import main as serve_main
 
     return serve_main(args)

@@ -5,7 +5,10 @@ with status 2; the server prints nothing on success unless ``-v`` or
 ``--print-uri``.  Sockets are bound before any fork so that errors reach the
 user's terminal and ``--fork`` returns only once clients can connect: the
 child reports over a pipe whether it started (``ok``) or why not
-(``error:MESSAGE``), and the parent exits with the matching status.
+(``error:MESSAGE``), and the parent exits with the matching status.  The
+sockets are the configured address, or the one systemd passed (socket
+activation, ``server.activation``), or with ``--inetd`` the one client's
+connection on standard input; systemd hears ``READY=1`` once the image is open.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -27,6 +31,12 @@ from ..block.sizes import parse_size
 from ..cmdline import UsageError
 from ..proto.handshake import TlsMode
 from ..server import Export, ExportTable, Server
+from ..server.activation import (
+    ActivationError,
+    activation_count,
+    inherited_sockets,
+    notify_ready,
+)
 from ..server.listen import listen_tcp, listen_unix
 from ..server.polling import event_loop_factory
 from ..server.runtime import handle_stop_signals, wait_at_stop
@@ -34,7 +44,6 @@ from .common import prepare_process, setup_logging, write_pid_file
 from .serve import MEMORY_PREFIX, RBD_PREFIX, Config, fault_rules, parse_args
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Sequence
 
     from ..block.node import Node
@@ -140,12 +149,59 @@ def bind_socket(config: Config) -> socket.socket:
         raise UsageError(f"cannot listen on {where}: {err.strerror or err}") from None
 
 
+#: qemu-nbd's words for an address option given to a socket-activated server
+_ACTIVATION_CLASHES = {
+    "-k": "Unix socket can't be set when using socket activation",
+    "-b": "The interface can't be set when using socket activation",
+    "-p": "TCP port number can't be set when using socket activation",
+}
+
+
+def listening_sockets(config: Config) -> list[socket.socket]:
+    """The sockets to serve on: the one systemd passed (socket activation, as
+    qemu-nbd: ``LISTEN_PID``/``LISTEN_FDS`` name this process, and none of
+    -k, -b, -p is given), or the configured address, bound here."""
+    count = activation_count()
+    if not count:
+        return [bind_socket(config)]
+    if config.listen_options:
+        raise UsageError(_ACTIVATION_CLASHES[config.listen_options[0]])
+    if count > 1:
+        raise UsageError("pynbd does not support socket activation with LISTEN_FDS > 1")
+    try:
+        return inherited_sockets()
+    except ActivationError as err:
+        raise UsageError(str(err)) from None
+
+
+def inetd_socket() -> socket.socket:
+    """``--inetd``: the client's connection, given as standard input (and output).
+
+    Standard input and output are pointed at /dev/null afterwards, so that the
+    returned socket is the only hold on the connection and closing it ends it.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        raise UsageError("--inetd: standard input is not a socket") from None
+    if sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise UsageError("--inetd: standard input is not a stream socket")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    sock.setblocking(False)
+    return sock
+
+
 def export_uri(config: Config, sock: socket.socket) -> str:
     """The NBD URI a client uses to reach the export."""
     name = urllib.parse.quote(config.export_name, safe="")
     scheme = "nbds" if config.tls_mode is TlsMode.REQUIRE else "nbd"
-    if config.socket_path is not None:
-        path = urllib.parse.quote(os.path.abspath(config.socket_path), safe="/")
+    if config.socket_path is not None or sock.family == socket.AF_UNIX:
+        where = config.socket_path or sock.getsockname()
+        path = urllib.parse.quote(os.path.abspath(where), safe="/")
         return f"{scheme}+unix:///{name}?socket={path}"
     host, port = sock.getsockname()[:2]
     if host in ("0.0.0.0", "::"):
@@ -155,25 +211,37 @@ def export_uri(config: Config, sock: socket.socket) -> str:
     return f"{scheme}://{host}:{port}/{name}"
 
 
-async def _main(config: Config, sock: socket.socket) -> None:
-    """Open the storage in the serving loop, say so, serve, then close it."""
-    graph, node = await open_graph(config)
+async def _main(config: Config, sockets: list[socket.socket],
+                opened: tuple[BlockGraph, Node] | None = None) -> None:
+    """Open the storage in the serving loop (unless ``opened``), say so, serve, then
+    close it.  With ``--inetd`` ``sockets`` is the one client's connection."""
+    graph, node = opened or await open_graph(config)
     if config.pid_file:
         write_pid_file(config.pid_file)
     _signal_ready()
-    await _serve(config, graph, node, sock)
+    notify_ready()  # systemd's Type=notify: clients can connect now
+    await _serve(config, graph, node, sockets)
 
 
-async def _serve(config: Config, graph: BlockGraph, node: Node, sock: socket.socket) -> None:
+async def _serve(config: Config, graph: BlockGraph, node: Node,
+                 sockets: list[socket.socket]) -> None:
     exports = ExportTable()
     exports.add(Export(config.export_name, node, description=config.description,
                        read_only=config.read_only, multi_conn=config.shared != 1))
     server = Server(exports, max_connections=config.shared, persistent=config.persistent,
-                    handshake_limit=config.handshake_limit, tls=config.tls,
-                    tls_mode=config.tls_mode)
+                    handshake_limit=config.handshake_limit, max_payload=config.max_payload,
+                    tls=config.tls, tls_mode=config.tls_mode)
     # the first signal: drain, flush, exit 0
     handle_stop_signals(lambda: server.stopping, server.request_stop)
-    await server.start([sock])
+    if config.inetd:
+        # one connection, already accepted: the server ends when it is gone,
+        # whether or not the client got as far as negotiating
+        conn = server.connection_class(server)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: conn,
+                                                                 sock=sockets[0])
+        conn.closed.add_done_callback(lambda _: server.request_stop())
+    else:
+        await server.start(sockets)
     await server.serve_until_stopped()
     # the connections are gone: flush and close the storage, saying what keeps it waiting
     await graph.close(wait_at_stop)
@@ -220,34 +288,61 @@ def run(config: Config) -> int:
     """Serve until stopped; return the exit status."""
     setup_logging(config.verbose, "pynbd")
     prepare_process()
-    sock = bind_socket(config)
+    if not config.fork:
+        return _run_here(config)
+    sockets = [inetd_socket()] if config.inetd else listening_sockets(config)
     if config.print_uri:
-        print(export_uri(config, sock), flush=True)
-    if config.fork:
-        ready = _fork()
-        if ready is not None:  # the parent: wait for the child, leave everything to it
-            answer = os.read(ready, READY_ANSWER_MAX)
-            if answer.startswith(b"error:"):
-                print(f"pynbd: {answer[6:].decode(errors='replace')}", file=sys.stderr)
-                os._exit(2)
-            os._exit(0 if answer == b"ok" else 1)
-    # the storage is opened in the serving loop, after any fork (neither librados's
-    # threads nor the I/O pool's survive fork())
+        print(export_uri(config, sockets[0]), flush=True)
+    ready = _fork()
+    if ready is not None:  # the parent: wait for the child, leave everything to it
+        answer = os.read(ready, READY_ANSWER_MAX)
+        if answer.startswith(b"error:"):
+            print(f"pynbd: {answer[6:].decode(errors='replace')}", file=sys.stderr)
+            os._exit(2)
+        os._exit(0 if answer == b"ok" else 1)
+    # the child opens the storage in its serving loop: neither librados's threads
+    # nor the I/O pool's survive fork()
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(config.poll_max_ns)) as runner:
-            runner.run(_main(config, sock))
+            runner.run(_main(config, sockets))
     except UsageError as err:
         _signal_failed(str(err))
         raise
     finally:
-        sock.close()
-        if config.socket_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(config.socket_path)
-        if config.pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(config.pid_file)
+        _clean_up(config, sockets)
     return 0
+
+
+def _run_here(config: Config) -> int:
+    """Serve without forking: the image is opened first, as qemu-nbd does, so a bad
+    image is reported whatever the address, then the sockets are bound."""
+    sockets: list[socket.socket] = []
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory(config.poll_max_ns)) as runner:
+            opened = runner.run(open_graph(config))
+            try:
+                sockets = [inetd_socket()] if config.inetd else listening_sockets(config)
+            except UsageError:
+                runner.run(opened[0].close())
+                raise
+            if config.print_uri:
+                print(export_uri(config, sockets[0]), flush=True)
+            runner.run(_main(config, sockets, opened))
+    finally:
+        _clean_up(config, sockets)
+    return 0
+
+
+def _clean_up(config: Config, sockets: list[socket.socket]) -> None:
+    """Close the sockets and remove the files the server made."""
+    for sock in sockets:
+        sock.close()
+    if config.socket_path is not None and sockets:
+        with contextlib.suppress(OSError):
+            os.unlink(config.socket_path)
+    if config.pid_file:
+        with contextlib.suppress(OSError):
+            os.unlink(config.pid_file)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -17,7 +17,7 @@ from .. import __version__
 from ..block.faults import FaultRule, parse_fault_spec
 from ..block.sizes import parse_size
 from ..cmdline import Parser, UsageError
-from ..proto.constants import MAX_STRING
+from ..proto.constants import MAX_PAYLOAD, MAX_PAYLOAD_LIMIT, MAX_STRING
 from ..proto.handshake import TlsMode
 from ..qmp.protocol import QMPError
 from ..qmp.schema import parse_keyval
@@ -83,6 +83,12 @@ class Config:
     rbd_lock: str = "auto"
     #: the event loop's adaptive polling limit (0: never poll)
     poll_max_ns: int = DEFAULT_POLL_MAX_NS
+    #: which of -k, -b, -p were given (socket activation refuses them)
+    listen_options: tuple[str, ...] = ()
+    #: serve one client on standard input/output (--inetd)
+    inetd: bool = False
+    #: the largest request payload accepted, advertised as the maximum block size
+    max_payload: int = MAX_PAYLOAD
 
 
 def _nonneg_int(text: str) -> int:
@@ -125,6 +131,29 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _max_payload(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    if not 4096 <= value <= MAX_PAYLOAD_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be between 4K and {MAX_PAYLOAD_LIMIT >> 20}M")
+    return value
+
+
+def _listen_options(ns: argparse.Namespace) -> tuple[str, ...]:
+    """Which of -k, -b, -p were given, refused with --inetd."""
+    given = tuple(flag for flag, value in (("-k", ns.socket_path), ("-b", ns.bind),
+                                          ("-p", ns.port)) if value is not None)
+    if ns.inetd:
+        clash = given + tuple(flag for flag, on in (("--fork", ns.fork), ("-t", ns.persistent),
+                                                   ("--print-uri", ns.print_uri)) if on)
+        if clash:
+            raise UsageError(f"--inetd serves standard input: {clash[0]} does not apply")
+    return given
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="pynbd", description="Export a disk image over NBD "
                "(command line compatible with qemu-nbd).")
@@ -140,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='export name (default "")')
     p.add_argument("-D", "--description", default="", metavar="TEXT",
                    help="export description")
-    p.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT,
+    p.add_argument("-p", "--port", type=_port, default=None,
                    help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("-b", "--bind", default="0.0.0.0", metavar="ADDR",
+    p.add_argument("-b", "--bind", default=None, metavar="ADDR",
                    help="address to listen on (default 0.0.0.0)")
     p.add_argument("-k", "--socket", dest="socket_path", metavar="PATH",
                    help="listen on a Unix socket instead of TCP")
@@ -156,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rbd: images: auto (default; writers share the image, librbd passes "
                    "its exclusive lock on demand) or exclusive (take the lock and keep it: "
                    "the only writer, other gateways read-only)")
+    p.add_argument("--inetd", action="store_true",
+                   help="serve one client on standard input/output (a connected socket, "
+                   "as inetd or nbdkit -s) and exit when it leaves")
+    p.add_argument("--max-payload", type=_max_payload, default=MAX_PAYLOAD, metavar="SIZE",
+                   help="largest request accepted, advertised as the maximum block size "
+                   f"(default 32M, at most {MAX_PAYLOAD_LIMIT >> 20}M)")
     p.add_argument("--fork", action="store_true",
                    help="run in the background once the server is ready")
     p.add_argument("--pid-file", metavar="PATH", help="write the server's pid here")
@@ -273,13 +308,16 @@ def parse_args(argv: Sequence[str]) -> Config:
         raise UsageError("--fault-seed needs --fault")
     return Config(
         image=ns.image, read_only=ns.read_only, shared=ns.shared, persistent=ns.persistent,
-        export_name=ns.export_name, description=ns.description, port=ns.port,
-        bind=ns.bind, socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
+        export_name=ns.export_name, description=ns.description,
+        port=DEFAULT_PORT if ns.port is None else ns.port,
+        bind="0.0.0.0" if ns.bind is None else ns.bind,
+        socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
         rbd_lock=ns.rbd_lock, discard=discard, fork=ns.fork, pid_file=ns.pid_file,
         verbose=ns.verbose,
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
         tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed,
-        poll_max_ns=ns.poll_max_ns)
+        poll_max_ns=ns.poll_max_ns, listen_options=_listen_options(ns), inetd=ns.inetd,
+        max_payload=ns.max_payload)
 
 
 def fault_rules(specs: Sequence[str]) -> list[FaultRule]:

@@ -32,6 +32,8 @@ MAX_STRING = 4096
 EXPORT_NAME_ZEROES = 124
 #: the largest READ/WRITE payload we accept and advertise (qemu's NBD_MAX_BUFFER_SIZE)
 MAX_PAYLOAD = 32 * 1024 * 1024
+#: the most ``pynbd --max-payload`` may raise it to
+MAX_PAYLOAD_LIMIT = 256 * 1024 * 1024
 #: cap on the data of one option; longer options end the connection unread
 MAX_OPTION_DATA = 64 * 1024
 #: preferred block size we advertise

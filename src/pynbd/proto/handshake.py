@@ -119,6 +119,10 @@ class _Reader:
             raise _OptionRefused(Rep.ERR_INVALID, "option data has trailing bytes")
 
 
+#: what a server advertises unless it raises its payload limit
+DEFAULT_BLOCK_SIZES = BlockSizes()
+
+
 class ServerHandshake:
     """Negotiates one connection's export, options and features.
 
@@ -137,8 +141,11 @@ class ServerHandshake:
     """
 
     def __init__(self, catalog: ExportCatalog, *, refusal: str | None = None,
-                 tls: TlsMode = TlsMode.OFF) -> None:
+                 tls: TlsMode = TlsMode.OFF, block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
+                 ) -> None:
         self._catalog = catalog
+        #: advertised in NBD_INFO_BLOCK_SIZE (the maximum is the payload limit)
+        self._block_sizes = block_sizes
         self._refusal = refusal
         self._tls_mode = tls
         self.tls_active = False
@@ -456,7 +463,7 @@ class ServerHandshake:
             structured=self._structured,
             extended=self._extended,
             meta_contexts=dict(contexts),
-            block_sizes=BlockSizes(),
+            block_sizes=self._block_sizes,
         )
 
     def _done(self, negotiated: Negotiated) -> HandshakeDone:

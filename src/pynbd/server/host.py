@@ -44,6 +44,10 @@ class ConnectionHost(Protocol):
     def handshake_limit(self) -> float:
         """Seconds a client may take to negotiate; 0 = no limit."""
 
+    @property
+    def max_payload(self) -> int:
+        """The largest READ/WRITE payload, advertised as the maximum block size."""
+
     def admit(self, conn: Connection) -> str | None:
         """A new connection: ``None`` to serve it, or why it is refused."""
 

@@ -25,6 +25,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING, TypeVar
 
+from ..proto.constants import MAX_PAYLOAD
 from ..proto.handshake import TlsMode
 from .connection import Connection
 
@@ -95,6 +96,9 @@ class Server:
         max_connections: simultaneous clients allowed; 0 means no limit.
         persistent: keep running after the last client leaves.
         handshake_limit: seconds a client may take to negotiate; 0 = no limit.
+        max_payload: the largest READ/WRITE payload, advertised as the maximum
+            block size (``--max-payload``); what a connection's requests hold in
+            memory stays capped all the same (reading pauses beyond the cap).
         tls: X.509 credentials for STARTTLS.
         tls_mode: off, on (optional) or require; defaults to require when
             credentials are given, off otherwise.
@@ -105,7 +109,7 @@ class Server:
 
     def __init__(self, exports: ExportTable, *, max_connections: int = 1,
                  persistent: bool = False, handshake_limit: float = 10.0,
-                 tls: TlsCredentials | None = None,
+                 max_payload: int = MAX_PAYLOAD, tls: TlsCredentials | None = None,
                  tls_mode: TlsMode | None = None) -> None:
         self.exports = exports
         #: TLS credentials; with them the mode defaults to "require" (as qemu-nbd)
@@ -118,6 +122,7 @@ class Server:
         self.max_connections = max_connections
         self.persistent = persistent
         self.handshake_limit = handshake_limit
+        self.max_payload = max_payload
         #: admitted connections (they count against ``max_connections``)
         self.connections: set[Connection] = set()
         #: every open connection, refused ones included

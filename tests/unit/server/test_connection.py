@@ -18,7 +18,7 @@ import pytest
 from pynbd.block import MemoryNode
 from pynbd.block.node import Extent, ExtentFlags
 from pynbd.proto.client import ClientHandshake, ClientTransmission, Completion, HandshakeComplete
-from pynbd.proto.constants import BASE_ALLOCATION, Cmd, Errno
+from pynbd.proto.constants import BASE_ALLOCATION, MAX_PAYLOAD, Cmd, Errno
 from pynbd.proto.events import NEED_DATA
 from pynbd.proto.handshake import TlsMode
 from pynbd.server import connection
@@ -104,6 +104,7 @@ class FakeHost:
         self.tls_context: ssl.SSLContext | None = None
         self.tls: TlsCredentials | None = None
         self.handshake_limit = 0.0
+        self.max_payload = MAX_PAYLOAD
         self.calls: list[str] = []
 
     def admit(self, conn: Connection) -> str | None:
