@@ -279,6 +279,20 @@ class FileNode(Node):
 
     # -- durability --------------------------------------------------------
 
+    async def grow(self, size: int) -> None:
+        """Make the file at least ``size`` bytes long; the new bytes read as zeroes.
+
+        For format nodes that allocate at the end of their file (qcow2).  Never
+        shrinks.  ``ftruncate`` only sets the size (no data is written), so it
+        runs inline: a pool job could land after a later, larger one and shrink.
+        """
+        if size <= self.size:
+            return
+        if self.is_block_device:
+            raise OSError(errno.ENOSPC, "a block device cannot grow", self.path)
+        os.ftruncate(self._fd, size)
+        self.size = size
+
     async def flush(self) -> None:
         await self._sync()
 

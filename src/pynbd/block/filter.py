@@ -9,14 +9,17 @@ Rules of this module:
   overridden ``pwrite`` drops ``pwrite_nowait`` and ``start_write``).  A
   subclass that can keep them (by adapting them) overrides ``fast_paths``.
 - A filter closes nothing of its child: the graph closes every node once.
+- A filter grows with its child (``Growable``): a qcow2 node over a filter over
+  a file can still allocate at the end of the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 from typing import TYPE_CHECKING
 
-from .node import FastPaths, Node
+from .node import FastPaths, Growable, Node
 
 if TYPE_CHECKING:
     from .node import Data, Extent
@@ -70,3 +73,9 @@ class FilterNode(Node):
 
     async def cache(self, offset: int, length: int) -> None:
         await self.child.cache(offset, length)
+
+    async def grow(self, size: int) -> None:
+        if not isinstance(self.child, Growable):
+            raise OSError(errno.ENOSPC, f"{self.child.driver} node cannot grow")
+        await self.child.grow(size)
+        self.size = self.child.size

@@ -195,6 +195,32 @@ class MemoryNode(Node):
 
     # -- durability, trim and zero -------------------------------------------
 
+    async def grow(self, size: int) -> None:
+        """Make the disk at least ``size`` bytes long; the new bytes read as zeroes.
+
+        For format nodes that allocate at the end of their storage (qcow2).
+        Never shrinks.  The mapping is made again at the new size.
+        """
+        if size <= self.size:
+            return
+        if size >= 1 << 63:
+            raise OSError(errno.EFBIG, f"size {size} is too large")
+        os.ftruncate(self._fd, size)
+        self.size = size
+        view, self._view = self._view, None
+        if view is not None:
+            view.release()
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if size <= MAP_MAX:
+            try:
+                self._map = mmap.mmap(self._fd, size)
+            except OSError:  # no address space for it: the syscalls still work
+                pass
+            else:
+                self._view = memoryview(self._map)
+
     async def flush(self) -> None:
         return None
 

@@ -12,7 +12,8 @@ Rules of this module:
   ``size`` and ``capabilities``.  ``cache`` is an optional hook (a no-op).
 - Fast paths are opt-in: a node that can do more implements one of the small
   protocols below (``NowaitIO``, ``DirectIO``, ``SendfileReads``,
-  ``OwnBufferReads``).  ``Node.fast_paths`` turns what a node offers into a
+  ``OwnBufferReads``); so is growing (``Growable``), which format nodes that
+  allocate at the end of their file need.  ``Node.fast_paths`` turns what a node offers into a
   ``FastPaths`` of plain callables, once, when a connection starts; a filter
   composes its child's instead (see ``pynbd.block.filter``).
 - Every I/O method is offset-explicit; no node keeps a file position that
@@ -167,6 +168,17 @@ class OwnBufferReads(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """The ``length`` bytes at ``offset``, in a buffer the caller may keep."""
+        ...
+
+
+@runtime_checkable
+class Growable(Protocol):
+    """A node whose size can grow, for format nodes that allocate at the end of
+    their file (qcow2): ``FileNode``, ``MemoryNode``, and filters over them."""
+
+    async def grow(self, size: int) -> None:
+        """Make the node at least ``size`` bytes long; the new bytes read as zeroes.
+        Never shrinks.  ``OSError`` (ENOSPC) where it cannot grow."""
         ...
 
 

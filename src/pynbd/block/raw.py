@@ -116,6 +116,11 @@ class RawNode(FilterNode):
     async def cache(self, offset: int, length: int) -> None:
         await self.child.cache(self.offset + offset, length)
 
+    async def grow(self, size: int) -> None:
+        if self.windowed:
+            raise OSError(errno.ENOSPC, "a raw window cannot grow")
+        await super().grow(size)
+
 
 def _check_first_sector(data: Data, offset: int) -> None:
     """Refuse a write to a probed raw image's first sector as qemu does."""
