@@ -42,8 +42,8 @@ _RBD = s.Struct({"pool": str, "namespace": str, "image": str, "conf": str, "snap
                 frozenset({"namespace", "conf", "snapshot", "user", "discard", "x-lock"}))
 # qemu's BlockdevOptionsQcow2 members pynbd supports; backing: a node name, inline
 # options, or null for no backing node at all
-_QCOW2 = s.Struct({"file": object, "backing": object, "lazy-refcounts": bool,
-                   "cache-size": int}, frozenset({"backing", "lazy-refcounts", "cache-size"}))
+_QCOW2 = s.Struct({"file": object, "backing": object, "cache-size": int},
+                  frozenset({"backing", "cache-size"}))
 _COMMON = {"node-name": str, "read-only": bool}
 
 
