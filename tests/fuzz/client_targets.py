@@ -29,6 +29,8 @@ from pynbd.proto.client import (
 )
 from pynbd.proto.constants import (
     BASE_ALLOCATION,
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     NBDMAGIC,
     REQUEST_MAGIC,
@@ -43,7 +45,7 @@ from pynbd.proto.constants import (
 from pynbd.proto.errors import LocalProtocolError, ProtocolError
 from pynbd.proto.events import NEED_DATA, StartTLS
 
-from .common import EXPORTS, Input, converse, drain, pieces
+from .common import EXPORTS, EXTENDED_EXPORTS, Input, converse, drain, pieces
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -57,6 +59,15 @@ _ERRORS = (Errno.EIO, Errno.EINVAL, Errno.ENOSPC, Errno.EOVERFLOW, Errno.ENOTSUP
 _MAX_CHUNK_DATA = 1 << 16
 _OPTIONS_SENT = frozenset({Opt.STARTTLS, Opt.STRUCTURED_REPLY, Opt.SET_META_CONTEXT, Opt.GO,
                            Opt.EXPORT_NAME})
+#: with extended headers: BLOCK_STATUS_EXT takes BLOCK_STATUS's place
+_EXT_CHUNK_TYPES = (ReplyType.NONE, ReplyType.OFFSET_DATA, ReplyType.OFFSET_HOLE,
+                    ReplyType.BLOCK_STATUS_EXT, ReplyType.ERROR, ReplyType.ERROR_OFFSET)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_MASK64 = (1 << 64) - 1
+#: raw requests whose length is their payload's (a WRITE's is built here): they keep
+#: 16-bit lengths.  A raw READ may have any length: over the payload limit it gets no
+#: buffer (tests/unit/proto/test_fuzz_regressions.py)
+_BUFFERED = (Cmd.WRITE,)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,6 +95,9 @@ class ClientDriver:
         how = inp.u8()
         if how >= 0xF0:
             return inp.u64(), inp.u32()
+        if self.core.extended:  # 64-bit lengths: a range may pass 4 GiB
+            offset = inp.u64() % (size + 1)
+            return offset, inp.u64() % (size - offset + 1)
         offset = inp.u32() % (size + 1)
         return offset, inp.u32() % (size - offset + 1)
 
@@ -113,6 +127,8 @@ class ClientDriver:
         elif op == 6:
             cmd, odd = Cmd(inp.u8() % len(Cmd)), inp.u8() == 0xFF
             offset, length, flags = inp.u64(), inp.u16(), inp.u16()
+            if self.core.extended and length >= 0xFF00 and not odd and cmd not in _BUFFERED:
+                length = inp.u64()  # any 64-bit length
             # WRITE carries a payload, nothing else does; ``odd`` gets that wrong
             payload = bytes(length) if (cmd == Cmd.WRITE) != odd else None
             make = functools.partial(core.request, cmd, offset=offset, length=length,
@@ -131,10 +147,18 @@ class ClientDriver:
         self._check_sent(self.core.data_to_send(), cookie)
 
     def _check_sent(self, out: bytes, cookie: int | None) -> None:
-        magic, flags, cmd, got, offset, length = wire.REQUEST.unpack_from(out)
-        assert magic == REQUEST_MAGIC
+        if self.core.extended:
+            head = wire.EXTENDED_REQUEST
+            magic, flags, cmd, got, offset, length = head.unpack_from(out)
+            assert magic == EXTENDED_REQUEST_MAGIC
+            # a WRITE's length is its payload's, and says so (other flags: as the caller gave)
+            assert cmd != Cmd.WRITE or flags & _PAYLOAD_LEN, flags
+        else:
+            head = wire.REQUEST
+            magic, flags, cmd, got, offset, length = head.unpack_from(out)
+            assert magic == REQUEST_MAGIC
         body = length if cmd == Cmd.WRITE else 0
-        assert len(out) == wire.REQUEST.size + body, "request framing"
+        assert len(out) == head.size + body, "request framing"
         if cmd == Cmd.DISC:
             return
         assert cookie is not None
@@ -150,8 +174,12 @@ class ClientDriver:
         how = inp.u8()
         if how >= 0xF0:
             return inp.u64(), inp.u32()
+        # (a raw request's range may pass 2**64: the offset wraps, as on the wire)
+        if self.core.extended:  # 64-bit lengths
+            start = inp.u64() % (sent.length + 1)
+            return (sent.offset + start) & _MASK64, inp.u64() % (sent.length - start + 1)
         start = inp.u32() % (sent.length + 1)
-        return sent.offset + start, inp.u32() % (sent.length - start + 1)
+        return (sent.offset + start) & _MASK64, inp.u32() % (sent.length - start + 1)
 
     def reply(self, inp: Input) -> bytes:
         """One reply or chunk for a request in flight, mostly well-formed."""
@@ -160,6 +188,8 @@ class ClientDriver:
         cookie = cookies[pick % len(cookies)] if cookies and pick < 0xF0 else inp.u64()
         sent = self.sent.get(cookie, _Sent(Cmd.READ, 0, 16, 0))
         kind = inp.u8()
+        if self.core.extended and kind % 8 != 7:
+            return self._extended_reply(inp, cookie, sent, kind)
         if kind % 8 == 7 or (not self.core.structured and kind % 8):
             error = int(_ERRORS[inp.u8() % len(_ERRORS)])
             data = bytes(sent.length) if sent.cmd == Cmd.READ and not error else b""
@@ -176,12 +206,44 @@ class ClientDriver:
                                           len(payload))
         return head + payload
 
+    def _extended_reply(self, inp: Input, cookie: int, sent: _Sent, kind: int) -> bytes:
+        """One extended chunk, mostly naming the request's offset."""
+        flags = inp.u8()
+        flags = flags & 1 if flags < 0xF0 else inp.u16()
+        offset = sent.offset if inp.u8() < 0xF0 else inp.u64()
+        if kind % 8 == 6:
+            chunk_type = inp.u16()
+            payload = inp.take(inp.u8())
+        else:
+            chunk_type = _EXT_CHUNK_TYPES[kind % 8]
+            payload = self._payload(inp, sent, chunk_type)
+        return wire.EXTENDED_CHUNK.pack(EXTENDED_REPLY_MAGIC, flags, chunk_type, cookie, offset,
+                                        len(payload)) + payload
+
+    def _status_ext(self, inp: Input, sent: _Sent) -> bytes:
+        """A BLOCK_STATUS_EXT payload: any number of 64-bit descriptors, a count that
+        mostly matches."""
+        ids = [*self.core.meta_contexts, inp.u32()]
+        context_id = ids[inp.u8() % len(ids)]
+        how = inp.u8()
+        count = how % 8 if how < 0xF0 else inp.u16() % 600
+        body = b""
+        for _ in range(count):
+            _, length = self._within(inp, sent)
+            status = inp.u8() & 3 if inp.u8() < 0xF0 else inp.u64()
+            body += wire.EXTENT_EXT.pack(length, status)
+        told = count if inp.u8() < 0xF0 else inp.u32()
+        return wire.BLOCK_STATUS_EXT.pack(context_id, told) + body
+
     def _payload(self, inp: Input, sent: _Sent, chunk_type: int) -> bytes:
+        if chunk_type == ReplyType.BLOCK_STATUS_EXT:
+            return self._status_ext(inp, sent)
         if chunk_type == ReplyType.OFFSET_DATA:
             offset, length = self._within(inp, sent)
             return wire.OFFSET_DATA.pack(offset) + bytes(min(length, _MAX_CHUNK_DATA))
         if chunk_type == ReplyType.OFFSET_HOLE:
-            return wire.OFFSET_HOLE.pack(*self._within(inp, sent))
+            offset, length = self._within(inp, sent)
+            return wire.OFFSET_HOLE.pack(offset, length & 0xFFFFFFFF)  # 32 bits, even extended
         if chunk_type == ReplyType.BLOCK_STATUS:
             ids = [*self.core.meta_contexts, inp.u32()]
             body = wire.U32.pack(ids[inp.u8() % len(ids)])
@@ -257,7 +319,22 @@ def client_transmission(data: bytes) -> None:
     inp = Input(data)
     export, cfg = inp.u8(), inp.u8()
     conversation = converse(export, structured=bool(cfg & 1), meta=bool(cfg & 2))
-    driver = ClientDriver(ClientTransmission.from_handshake(conversation.client_done))
+    _run_script(ClientDriver(ClientTransmission.from_handshake(conversation.client_done)), inp)
+
+
+def client_extended_transmission(data: bytes) -> None:
+    """The same after a real handshake that negotiated extended headers: 32-byte
+    requests, extended reply chunks (BLOCK_STATUS_EXT among them), 64-bit ranges."""
+    inp = Input(data)
+    export, cfg = inp.u8(), inp.u8()
+    conversation = converse(export, structured=True, meta=bool(cfg & 2), extended=True)
+    core = ClientTransmission.from_handshake(conversation.client_done)
+    assert core.extended
+    assert core.structured
+    _run_script(ClientDriver(core), inp)
+
+
+def _run_script(driver: ClientDriver, inp: Input) -> None:
     while inp.remaining and not driver.broken:
         op = inp.u8() % 12
         if op < 8:
@@ -273,29 +350,46 @@ def client_transmission(data: bytes) -> None:
 # -- handshake ---------------------------------------------------------------------------------
 
 
-def _check_options(out: bytes, *, first: bool) -> None:
-    """What the client sent is (client flags, then) whole options it knows."""
-    pos = 0
-    if first and out:
-        (flags,) = wire.CLIENT_FLAGS.unpack_from(out)
-        assert flags in (1, 3), f"client flags {flags:#x}"
-        pos = wire.CLIENT_FLAGS.size
-    while pos < len(out):
-        magic, option, length = wire.OPTION_HEADER.unpack_from(out, pos)
-        assert magic == IHAVEOPT
-        assert option in _OPTIONS_SENT, option
-        pos += wire.OPTION_HEADER.size + length
-    assert pos == len(out), "an option cut short"
+class _Options:
+    """What the client sent in the handshake: (client flags, then) whole options it knows."""
+
+    def __init__(self, *, extended: bool) -> None:
+        self.first = True
+        self.allowed = _OPTIONS_SENT | ({Opt.EXTENDED_HEADERS} if extended else set())
+        self.sent: list[int] = []
+
+    def check(self, out: bytes) -> None:
+        pos = 0
+        if self.first and out:
+            (flags,) = wire.CLIENT_FLAGS.unpack_from(out)
+            assert flags in (1, 3), f"client flags {flags:#x}"
+            pos = wire.CLIENT_FLAGS.size
+        self.first = self.first and not out
+        while pos < len(out):
+            magic, option, length = wire.OPTION_HEADER.unpack_from(out, pos)
+            assert magic == IHAVEOPT
+            assert option in self.allowed, option
+            self.sent.append(option)
+            pos += wire.OPTION_HEADER.size + length
+        assert pos == len(out), "an option cut short"
 
 
 def _check_complete(event: HandshakeComplete, core: ClientHandshake, *, structured: bool,
-                    queries: list[str], tls: bool) -> None:
+                    queries: list[str], tls: bool, options: _Options) -> None:
     assert not tls or core.tls_active, "an export without the TLS the client asked for"
     assert structured or not event.structured
     assert set(event.meta_contexts) <= set(queries)
     assert not event.meta_contexts or event.structured
     sizes = event.block_sizes
     assert sizes is None or 0 < sizes.minimum <= sizes.maximum
+    if event.extended:
+        assert Opt.EXTENDED_HEADERS in options.allowed, "extended headers, not asked for"
+        assert event.structured
+        sent = options.sent
+        last = len(sent) - 1 - sent[::-1].index(Opt.EXTENDED_HEADERS)
+        after = set(sent[last + 1:])
+        # once acknowledged, neither is sent (EXPORT_NAME: a client MUST NOT)
+        assert not after & {Opt.STRUCTURED_REPLY, Opt.EXPORT_NAME}, sent
 
 
 def _transmission_after(done: HandshakeComplete, feed: Iterator[bytes]) -> None:
@@ -315,18 +409,33 @@ def _transmission_after(done: HandshakeComplete, feed: Iterator[bytes]) -> None:
 
 def client_handshake(data: bytes) -> None:
     """The fuzzer's bytes as a server's side of the handshake (and what follows it)."""
+    _handshake_as_client(data, extended=False)
+
+
+def client_extended_handshake(data: bytes) -> None:
+    """The same, for a client that asks for extended headers first."""
+    _handshake_as_client(data, extended=True)
+
+
+def _handshake_as_client(data: bytes, *, extended: bool) -> None:
     inp = Input(data)
     cfg, export, size = inp.u8(), inp.u8(), inp.u16()
-    structured, tls = bool(cfg & 1), bool(cfg & 4)
+    # cfg 0x20: extended headers asked for without structured replies (so not asked for)
+    structured, tls = bool(cfg & 1) or (extended and not cfg & 0x20), bool(cfg & 4)
+    extended = extended and structured
     queries = [BASE_ALLOCATION] if cfg & 2 else []
     if cfg & 0x10:
         queries.append("qemu:dirty-bitmap:b")
-    core = ClientHandshake(EXPORTS[export % len(EXPORTS)].name, structured=structured,
-                           meta_contexts=queries, tls=tls)
+    exports = EXTENDED_EXPORTS if extended else EXPORTS
+    core = ClientHandshake(exports[export % len(exports)].name, structured=structured,
+                           extended=extended, meta_contexts=queries, tls=tls)
     assert core.data_to_send() == b"", "the client speaks before the greeting"
     greeting = wire.GREETING.pack(NBDMAGIC, IHAVEOPT, inp.u16()) if cfg & 8 else b""
     feed = pieces(greeting + inp.rest(), size or 1 << 16)
-    first = True
+    options = _Options(extended=extended)
+    refusable = {Opt.STRUCTURED_REPLY, Opt.SET_META_CONTEXT, Opt.GO}
+    if extended:
+        refusable.add(Opt.EXTENDED_HEADERS)
     for piece in feed:
         core.receive_data(piece)
         events = drain(core)
@@ -339,7 +448,7 @@ def client_handshake(data: bytes) -> None:
                 break
             if isinstance(event, OptionRefused):
                 assert event.rep & _ERROR_BIT
-                assert event.option in (Opt.STRUCTURED_REPLY, Opt.SET_META_CONTEXT, Opt.GO)
+                assert event.option in refusable
             elif isinstance(event, HandshakeFailed):
                 assert event.rep & _ERROR_BIT
                 assert str(event)
@@ -350,12 +459,10 @@ def client_handshake(data: bytes) -> None:
                 core.tls_started()  # the shell's TLS handshake succeeded
             else:
                 assert isinstance(event, HandshakeComplete), event
-                _check_complete(event, core, structured=structured, queries=queries, tls=tls)
+                options.check(core.data_to_send())
+                _check_complete(event, core, structured=structured, queries=queries, tls=tls,
+                                options=options)
                 _transmission_after(event, feed)
                 return
-            out = core.data_to_send()
-            _check_options(out, first=first)
-            first = first and not out
-        out = core.data_to_send()
-        _check_options(out, first=first)
-        first = first and not out
+            options.check(core.data_to_send())
+        options.check(core.data_to_send())

@@ -111,7 +111,10 @@ EXPORTS = (
     FakeExport("noflags", 1 << 40, fixed=TransmissionFlag(0)),
     FakeExport("empty", 0),
 )
-CATALOG = FakeCatalog(*EXPORTS)
+#: what the extended-header targets choose from: the same, and an export over 4 GiB
+#: (its own tuple, so the other targets' inputs keep naming the same exports)
+EXTENDED_EXPORTS = (*EXPORTS, FakeExport("big", 3 << 32, "over 4 GiB"))
+CATALOG = FakeCatalog(*EXTENDED_EXPORTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,15 +132,19 @@ class Conversation:
 
 
 @functools.cache
-def converse(export: int, *, structured: bool, meta: bool, tls: bool = False) -> Conversation:
+def converse(export: int, *, structured: bool, meta: bool, tls: bool = False,
+             extended: bool = False) -> Conversation:
     """Run ClientHandshake against ServerHandshake in memory (cached: it is deterministic).
 
     With ``tls`` the client starts with STARTTLS and both sides carry on as if
-    the TLS handshake had succeeded (the bytes stay plain).
+    the TLS handshake had succeeded (the bytes stay plain).  With ``extended``
+    the client asks for extended headers (which imply structured replies), and
+    ``export`` indexes ``EXTENDED_EXPORTS``.
     """
-    name = EXPORTS[export % len(EXPORTS)].name
+    exports = EXTENDED_EXPORTS if extended else EXPORTS
+    name = exports[export % len(exports)].name
     server = ServerHandshake(CATALOG, tls=TlsMode.ON if tls else TlsMode.OFF)
-    client = ClientHandshake(name, structured=structured,
+    client = ClientHandshake(name, structured=structured or extended, extended=extended,
                              meta_contexts=[BASE_ALLOCATION] if meta else [], tls=tls)
     c2s, s2c = bytearray(), bytearray()
     client_done: HandshakeComplete | None = None

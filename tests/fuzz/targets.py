@@ -19,8 +19,19 @@ from pynbd.proto.errors import ProtocolError
 from pynbd.proto.events import Request
 from pynbd.proto.transmission import ServerTransmission
 
-from .client_targets import client_handshake, client_transmission
-from .common import Conversation, Input, converse, drain
+from .client_targets import (
+    client_extended_handshake,
+    client_extended_transmission,
+    client_handshake,
+    client_transmission,
+)
+from .common import EXTENDED_EXPORTS, Conversation, Input, converse, drain
+from .server_extended_targets import (
+    CMDS,
+    option,
+    server_extended_handshake,
+    server_extended_transmission,
+)
 from .server_targets import server_handshake, server_transmission
 
 Target = Callable[[bytes], None]
@@ -64,12 +75,18 @@ TARGETS: dict[str, Target] = {
     "server-transmission": server_transmission,
     "client-handshake": client_handshake,
     "client-transmission": client_transmission,
+    "server-extended-handshake": server_extended_handshake,
+    "server-extended-transmission": server_extended_transmission,
+    "client-extended-handshake": client_extended_handshake,
+    "client-extended-transmission": client_extended_transmission,
     "selftest-crash": selftest_crash,
     "selftest-hang": selftest_hang,
 }
 ROLES: dict[str, list[str]] = {
-    "server": ["server-handshake", "server-transmission"],
-    "client": ["client-handshake", "client-transmission"],
+    "server": ["server-handshake", "server-transmission", "server-extended-handshake",
+               "server-extended-transmission"],
+    "client": ["client-handshake", "client-transmission", "client-extended-handshake",
+               "client-extended-transmission"],
 }
 ROLES["all"] = ROLES["server"] + ROLES["client"]
 
@@ -94,6 +111,8 @@ def _script_read(export: int, cfg: int) -> bytes:
 
 def seeds(name: str) -> list[bytes]:
     """Valid starting inputs for target ``name``."""
+    if "-extended-" in name:
+        return _extended_seeds(name)
     out: list[bytes] = []
     for export, structured, meta, tls in _SESSIONS:
         conversation = converse(export, structured=structured, meta=meta, tls=tls)
@@ -121,4 +140,75 @@ def seeds(name: str) -> list[bytes]:
         # a 96 KiB WRITE, its payload in the zeroes that follow the input (cfg 0x40)
         write = wire.REQUEST.pack(REQUEST_MAGIC, 0, Cmd.WRITE, 1, 0, 96 << 10)
         out.append(bytes([1, 0x40, 0, 0, 0, 0x18, 0]) + write)
+    return out
+
+
+# -- extended headers -------------------------------------------------------------------------
+
+#: (command, length) of the first requests on an extended connection: 64-bit lengths too
+_EXT_REQUESTS = ((Cmd.READ, 512), (Cmd.WRITE, 8), (Cmd.FLUSH, 0), (Cmd.TRIM, 5 << 30),
+                 (Cmd.CACHE, 1), (Cmd.WRITE_ZEROES, 512), (Cmd.BLOCK_STATUS, 6 << 30))
+
+
+def _ext_requests(export: int) -> bytes:
+    """What a client sends first on an extended connection to ``export``."""
+    core = ClientTransmission.from_handshake(
+        converse(export, structured=True, meta=True, extended=True).client_done)
+    for cmd, length in _EXT_REQUESTS:
+        core.request(cmd, length=length, payload=bytes(length) if cmd == Cmd.WRITE else None)
+    core.disconnect()
+    return core.data_to_send()
+
+
+def _ext_script() -> bytes:
+    """A server-extended-transmission script of the same requests (no faults)."""
+    body = b""
+    for cmd, length in (*_EXT_REQUESTS, (Cmd.DISC, 0)):
+        # op (0: no fault), command, range: how, then offset and length (none for FLUSH)
+        body += bytes([0, CMDS.index(cmd), 0])
+        if cmd != Cmd.FLUSH:
+            body += bytes(8) + length.to_bytes(2 if cmd in (Cmd.READ, Cmd.WRITE) else 8, "big")
+        body += b"\0"  # the cookie's top byte
+    return body
+
+
+def _ext_client_script() -> bytes:
+    """A client-extended-transmission script: READ 512 at 0 and its OFFSET_DATA chunk,
+    TRIM 5 GiB and its NONE chunk, BLOCK_STATUS 6 GiB and a BLOCK_STATUS_EXT chunk
+    of two descriptors (one over 4 GiB)."""
+    u64 = struct.Struct(">Q").pack
+    read = bytes([0, 0]) + u64(0) + u64(0) + struct.pack(">H", 512)  # the range's length unused
+    data = bytes([10, 0, 1, 1, 0, 0]) + u64(0) + u64(512)  # pick, type, DONE, offset, range
+    trim = bytes([3, 0]) + u64(0) + u64(5 << 30) + b"\0"
+    none = bytes([10, 0, 0, 1, 0])
+    status = bytes([5, 0]) + u64(0) + u64(6 << 30) + b"\0"
+    # pick, type, DONE, offset, an unknown id, context 0, 2 descriptors
+    ext = bytes([10, 0, 3, 1, 0]) + bytes(4) + bytes([0, 2])
+    for length, flags in ((4096, 3), (5 << 30, 0)):
+        ext += b"\0" + u64(0) + u64(length) + bytes([0, flags])
+    return read + data + trim + none + status + ext + b"\0"
+
+
+def _extended_seeds(name: str) -> list[bytes]:
+    out: list[bytes] = []
+    if name == "server-extended-handshake":
+        # the export over 4 GiB (EXTENDED_EXPORTS[8]), as the prefixes name it
+        go = option(Opt.GO, wire.U32.pack(3) + b"big" + wire.U16.pack(0))
+        # cfg & 7 picks the prefix of options; cfg 0x08: TLS on
+        out += [bytes([cfg, 0, 0, 0]) + go + _ext_requests(8) for cfg in range(16)]
+    elif name == "server-extended-transmission":
+        for export in range(len(EXTENDED_EXPORTS)):
+            for cfg in (0, 2, 0x80 | 2):  # raw requests, with a context, buffered
+                out.append(bytes([export, cfg, 0, 0, 0]) + _ext_requests(export))
+            for cfg in (0x20, 0x22, 0x26):  # scripted, with a context, 100-byte payloads
+                out.append(bytes([export, cfg, 0, 0, 0]) + _ext_script())
+    elif name == "client-extended-handshake":
+        for export, meta, tls in ((1, True, False), (0, False, False), (8, True, False),
+                                  (1, True, True)):
+            conversation = converse(export, structured=True, meta=meta, tls=tls, extended=True)
+            size = struct.pack(">H", _AFTER_STARTTLS_ACK if tls else 0)
+            out.append(bytes([1 | int(meta) << 1 | int(tls) << 2, export]) + size
+                       + conversation.server_bytes)
+    else:
+        out += [bytes([export, 2]) + _ext_client_script() for export in (1, 8)]
     return out

@@ -103,6 +103,15 @@ class _Pending:
     extents: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
 
 
+def _require_buffer(p: _Pending) -> bytearray:
+    """The READ's buffer; a protocol error for a READ over the payload limit, which
+    the server had to refuse (no such buffer is ever allocated)."""
+    if p.buf is None:
+        raise ProtocolError(f"data for a READ of {p.length} bytes, over the largest "
+                            "payload: the server should have refused it")
+    return p.buf
+
+
 class ClientTransmission:
     """Builds requests and parses replies for one connection.
 
@@ -174,9 +183,11 @@ class ClientTransmission:
         if cmd == Cmd.DISC:
             self._disconnected = True
         else:
+            # a READ over the payload limit gets no buffer: the server must refuse
+            # it, and data for it is a protocol error (never a huge allocation)
             self._pending[cookie] = _Pending(
                 cmd, offset, length, int(flags),
-                bytearray(length) if cmd == Cmd.READ else None)
+                bytearray(length) if cmd == Cmd.READ and length <= self.max_payload else None)
         return cookie
 
     def _check(self, offset: int, length: int, *, needs: TransmissionFlag | None = None,
@@ -304,6 +315,7 @@ class ClientTransmission:
         start = self._pos + wire.SIMPLE_REPLY.size
         data: bytes | None = None
         if p.cmd == Cmd.READ and error == 0:
+            _require_buffer(p)
             if avail < wire.SIMPLE_REPLY.size + p.length:
                 return NEED_DATA
             data = bytes(self._buf[start:start + p.length])
@@ -372,8 +384,8 @@ class ClientTransmission:
             (offset,) = wire.OFFSET_DATA.unpack_from(payload)
             data = payload[8:]
             self._cover(p, offset, len(data))
-            assert p.buf is not None
-            p.buf[offset - p.offset:offset - p.offset + len(data)] = data
+            buf = _require_buffer(p)
+            buf[offset - p.offset:offset - p.offset + len(data)] = data
         elif kind == ReplyType.OFFSET_HOLE:
             if len(payload) != wire.OFFSET_HOLE.size:
                 raise ProtocolError(f"OFFSET_HOLE chunk of {len(payload)} bytes")
@@ -469,8 +481,7 @@ class ClientTransmission:
             if p.covered_bytes != p.length:
                 raise ProtocolError(f"READ reply covered {p.covered_bytes} of {p.length} "
                                     "bytes")
-            assert p.buf is not None
-            return Completion(cookie, p.cmd, data=bytes(p.buf))
+            return Completion(cookie, p.cmd, data=bytes(_require_buffer(p)))
         if p.cmd == Cmd.BLOCK_STATUS:
             missing = set(self.meta_contexts.values()) - set(p.extents)
             if missing:

@@ -10,8 +10,7 @@ from tests.unit.block.support import DATA, HOLE, pattern, read, run
 
 from pynbd.block.file import FileNode
 from pynbd.block.memory import CHUNK_SIZE, MemoryNode
-from pynbd.block.node import Extent
-from pynbd.block.node import Growable
+from pynbd.block.node import Extent, Growable
 
 if TYPE_CHECKING:
     import pathlib
