@@ -28,14 +28,13 @@ from .client_events import (
     OptionRefused,
     rep_name,
 )
+from .client_options import ERROR_BIT, parse_info, take_option_reply
 from .client_transmission import ClientTransmission, Completion, errno_name
 from .constants import (
     EXPORT_NAME_ZEROES,
     IHAVEOPT,
-    MAX_OPTION_DATA,
     MAX_STRING,
     NBDMAGIC,
-    REPLY_MAGIC,
     ClientFlag,
     HandshakeFlag,
     Info,
@@ -67,8 +66,6 @@ __all__ = [
 #: second magic of an oldstyle server (we only speak fixed newstyle)
 _OLDSTYLE_MAGIC = 0x00420281861253
 #: the most option-reply data we buffer (replies are short: infos, names, messages)
-_MAX_OPTION_REPLY = MAX_OPTION_DATA
-_ERROR_BIT = 1 << 31
 
 
 # -- handshake ---------------------------------------------------------------------------
@@ -235,22 +232,11 @@ class ClientHandshake:
         return None
 
     def _parse_reply(self) -> ClientHandshakeEvent | None:
-        head = wire.OPTION_REPLY_HEADER
-        if len(self._buf) < head.size:
+        reply = take_option_reply(self._buf, self._option)
+        if reply is None:
             return NEED_DATA
-        magic, option, rep, length = head.unpack_from(self._buf)
-        if magic != REPLY_MAGIC:
-            raise ProtocolError(f"bad option reply magic {magic:#x}")
-        if option != self._option:
-            raise ProtocolError(f"reply for option {option} while waiting for "
-                                f"{self._option.name}")
-        if length > _MAX_OPTION_REPLY:
-            raise ProtocolError(f"option reply of {length} bytes")
-        if len(self._buf) < head.size + length:
-            return NEED_DATA
-        del self._buf[:head.size]
-        payload = self._take(length)
-        if rep & _ERROR_BIT:
+        rep, payload = reply
+        if rep & ERROR_BIT:
             return self._refused(rep, payload.decode("utf-8", "replace"))
         handler: Callable[[int, bytes], ClientHandshakeEvent | None] = {
             Opt.STARTTLS: self._on_starttls,
@@ -332,26 +318,15 @@ class ClientHandshake:
         return self._complete(*self._export)
 
     def _on_info(self, payload: bytes) -> None:
-        if len(payload) < 2:
-            raise ProtocolError(f"INFO reply of {len(payload)} bytes")
-        (kind,) = wire.INFO_TYPE.unpack_from(payload)
-        if kind == Info.EXPORT:
-            if len(payload) != wire.INFO_EXPORT.size:
-                raise ProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes")
-            _, size, flags = wire.INFO_EXPORT.unpack(payload)
-            self._export = (size, flags)
-        elif kind == Info.BLOCK_SIZE:
-            if len(payload) != wire.INFO_BLOCK_SIZE.size:
-                raise ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes")
-            _, minimum, preferred, maximum = wire.INFO_BLOCK_SIZE.unpack(payload)
-            if not 0 < minimum <= maximum or preferred == 0:
-                raise ProtocolError(f"nonsense block sizes {minimum}/{preferred}/{maximum}")
-            self._sizes = BlockSizes(minimum, preferred, maximum)
+        kind, item = parse_info(payload)
+        if isinstance(item, tuple):
+            self._export = item
+        elif isinstance(item, BlockSizes):
+            self._sizes = item
         elif kind == Info.NAME:
-            self._info_name = payload[2:].decode("utf-8", "replace")
+            self._info_name = item
         elif kind == Info.DESCRIPTION:
-            self._description = payload[2:].decode("utf-8", "replace")
-        # unknown info types are ignored (spec 2.8)
+            self._description = item
 
     def _parse_export_name_reply(self) -> ClientHandshakeEvent | None:
         need = wire.EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else EXPORT_NAME_ZEROES)

@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING
 
 from . import wire
 from .client_events import HandshakeFailed, rep_name
+from .client_options import ERROR_BIT, parse_info, take_option_reply
 from .constants import (
     IHAVEOPT,
-    MAX_OPTION_DATA,
     NBDMAGIC,
-    REPLY_MAGIC,
     ClientFlag,
     HandshakeFlag,
     Info,
@@ -39,7 +38,6 @@ from .negotiated import BlockSizes
 if TYPE_CHECKING:
     from .wire import Buffer
 
-_ERROR_BIT = 1 << 31
 #: the infos asked for with NBD_OPT_INFO
 _INFO_REQUESTS = (Info.NAME, Info.DESCRIPTION, Info.BLOCK_SIZE)
 
@@ -189,22 +187,11 @@ class ClientLister:
         return True
 
     def _parse_reply(self) -> ListerEvent | None:
-        head = wire.OPTION_REPLY_HEADER
-        if len(self._buf) < head.size:
+        reply = take_option_reply(self._buf, self._option)
+        if reply is None:
             return NEED_DATA
-        magic, option, rep, length = head.unpack_from(self._buf)
-        if magic != REPLY_MAGIC:
-            raise ProtocolError(f"bad option reply magic {magic:#x}")
-        if option != self._option:
-            raise ProtocolError(f"reply for option {option} while waiting for "
-                                f"{self._option.name}")
-        if length > MAX_OPTION_DATA:
-            raise ProtocolError(f"option reply of {length} bytes")
-        if len(self._buf) < head.size + length:
-            return NEED_DATA
-        payload = bytes(self._buf[head.size:head.size + length])
-        del self._buf[:head.size + length]
-        if rep & _ERROR_BIT:
+        rep, payload = reply
+        if rep & ERROR_BIT:
             return self._refused(rep, payload.decode("utf-8", "replace"))
         if rep == Rep.ACK and payload:
             raise ProtocolError(f"ACK to {self._option.name} with {len(payload)} bytes")
@@ -267,21 +254,13 @@ class ClientLister:
             raise ProtocolError(f"unexpected {rep_name(rep)} to {self._option.name}")
 
     def _on_info(self, payload: bytes) -> None:
-        if len(payload) < 2:
-            raise ProtocolError(f"INFO reply of {len(payload)} bytes")
-        (kind,) = wire.INFO_TYPE.unpack_from(payload)
-        if kind == Info.EXPORT:
-            if len(payload) != wire.INFO_EXPORT.size:
-                raise ProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes")
-            _, size, flags = wire.INFO_EXPORT.unpack(payload)
-            self._export = (size, flags)
-        elif kind == Info.BLOCK_SIZE:
-            if len(payload) != wire.INFO_BLOCK_SIZE.size:
-                raise ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes")
-            _, minimum, preferred, maximum = wire.INFO_BLOCK_SIZE.unpack(payload)
-            self._sizes = BlockSizes(minimum, preferred, maximum)
-        elif kind == Info.DESCRIPTION:
-            self._description = payload[2:].decode("utf-8", "replace")
+        kind, item = parse_info(payload)
+        if isinstance(item, tuple):
+            self._export = item
+        elif isinstance(item, BlockSizes):
+            self._sizes = item
+        elif kind == Info.DESCRIPTION and isinstance(item, str):
+            self._description = item
         # NBD_INFO_NAME and unknown types: the listed name is the one shown
 
 
