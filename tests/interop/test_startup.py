@@ -90,9 +90,24 @@ def connect(uri: str) -> nbd.NBD:
             time.sleep(0.05)
 
 
-def wait_listening(path: Path) -> None:
-    """The socket systemd-socket-activate made is there and accepts."""
-    wait_for(path)
+#: /proc/net/unix's Flags for a listening socket (the kernel's __SO_ACCEPTCON)
+_ACCEPTCON = 0x10000
+
+
+def wait_listening(path: Path, timeout: float = 20.0) -> None:
+    """The socket systemd-socket-activate made is there and listening.  Its file exists
+    from ``bind``, a moment before ``listen``: a connection in between is refused.
+    A probe connection would start the server, so the kernel's table is read."""
+    wait_for(path, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & _ACCEPTCON:
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} is not listening after {timeout} s")
+        time.sleep(0.01)
 
 
 def free_port() -> int:
