@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import deque
@@ -40,6 +41,10 @@ _TAIL = 60
 _STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)")
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
+
+
+#: how long past --max-time a worker may run before it is killed as stalled
+_GRACE = 15
 
 
 @dataclasses.dataclass
@@ -110,6 +115,8 @@ def _seed_corpus(target: str, corpus: Path) -> None:
 
 def _classify(tail: deque[str]) -> str:
     text = "\n".join(tail)
+    if tail and tail[-1].startswith("stalled:"):
+        return "stalled"
     if "libFuzzer: timeout" in text:
         return "timeout"
     if "out-of-memory" in text:
@@ -165,6 +172,12 @@ def run_target(target: str, args: argparse.Namespace, corpus: Path,
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace") as proc:
         assert proc.stdout is not None
+        # a worker that outlives --max-time (libFuzzer's own limits did not stop it:
+        # a stall outside any input) is killed, and reported with its last lines
+        watchdog = threading.Timer(args.max_time + _GRACE, proc.kill) if args.max_time \
+            else None
+        if watchdog is not None:
+            watchdog.start()
         try:
             for raw in proc.stdout:
                 line = raw.rstrip("\n")
@@ -173,9 +186,13 @@ def run_target(target: str, args: argparse.Namespace, corpus: Path,
                     print(f"  {target}: {line}", flush=True)
                 _parse(line, result)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if proc.poll() is None:  # interrupted (Ctrl-C): stop the worker too
                 proc.kill()
         result.returncode = proc.wait()
+        if args.max_time and time.monotonic() - start > args.max_time + _GRACE:
+            tail.append(f"stalled: the worker outlived --max-time {args.max_time} s")
     result.seconds = time.monotonic() - start
     if not result.exec_per_sec and result.seconds:
         # libFuzzer rounds a run under a second down to 0: count it ourselves

@@ -25,10 +25,18 @@ LINE = re.compile(r"^(?P<target>[\w-]+): (?P<inputs>\d+) inputs, (?P<rate>\d+) e
                   r"(?P<crashes>\d+) crash", re.MULTILINE)
 
 
-def fuzz(*args: str, timeout: float = 100) -> subprocess.CompletedProcess[str]:
-    # --max-time: the worker stops by itself even if this test is killed
-    return subprocess.run([sys.executable, "-m", "tests.fuzz.run", "--max-time", "90", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+#: seconds one target's worker may fuzz (each takes 1-7 s here); one past it by the
+#: runner's grace is killed and reported as stalled, with its last output lines
+MAX_TIME = 30
+
+
+def fuzz(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    # --max-time: each worker stops by itself even if this test is killed; the runner
+    # kills a stalled one, so the whole run is bounded by the number of targets
+    if timeout is None:
+        timeout = len(ROLES["all"]) * (MAX_TIME + 20) + 30
+    return subprocess.run([sys.executable, "-m", "tests.fuzz.run", "--max-time", str(MAX_TIME),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           check=False)
 
 
