@@ -36,7 +36,6 @@ from .constants import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
     MAX_EXTENTS,
-    MAX_PAYLOAD,
     REQUEST_MAGIC,
     Cmd,
     CmdFlag,
@@ -86,7 +85,7 @@ class ExtendedTransmission(ServerTransmission):
     HEADER_SIZE = _HEADER.size
     MAX_LENGTH = (1 << 64) - 1
 
-    def __init__(self, negotiated: Negotiated, *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, negotiated: Negotiated, *, max_payload: int | None = None) -> None:
         super().__init__(negotiated, max_payload=max_payload)
         #: the offset of each request (by cookie) until its reply's last chunk is built
         self._offsets: dict[int, int] = {}

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, NamedTuple
 from . import wire
 from .constants import (
     MAX_EXTENTS,
-    MAX_PAYLOAD,
     MAX_STRING,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
@@ -124,12 +123,15 @@ class ServerTransmission:
     #: the largest length a request without a payload may name
     MAX_LENGTH = _MAX_LENGTH
 
-    def __init__(self, negotiated: Negotiated, *, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, negotiated: Negotiated, *, max_payload: int | None = None) -> None:
         self.negotiated = negotiated
         self._size = negotiated.export.size
         self._flags = int(negotiated.flags)
         self._structured = negotiated.structured
-        self._max_payload = max_payload
+        #: the largest READ/WRITE payload: the maximum block size the handshake
+        #: advertised, unless a test asks for another
+        self._max_payload = (negotiated.block_sizes.maximum if max_payload is None
+                             else max_payload)
         #: received bytes not yet parsed are ``_buf[_pos:_end]``
         self._buf = bytearray(RECV_BUFFER_MIN)
         self._pos = 0

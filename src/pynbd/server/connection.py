@@ -174,12 +174,12 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
         self.refusal = self.host.admit(self)
         log.info("%s: connected%s", self.peer,
                  f" (refused: {self.refusal})" if self.refusal else "")
-        #: the largest READ/WRITE payload (``MAX_IN_FLIGHT_BYTES`` still bounds what
-        #: a connection's requests hold: beyond it reading pauses)
-        self.max_payload = self.host.max_payload
-        self._handshake = ServerHandshake(self.host.exports, refusal=self.refusal,
-                                          tls=self.host.tls_mode,
-                                          block_sizes=BlockSizes(maximum=self.max_payload))
+        # the maximum block size it advertises is the transmission core's payload
+        # limit too (MAX_IN_FLIGHT_BYTES still bounds what a connection's requests
+        # hold: beyond it reading pauses)
+        self._handshake = ServerHandshake(
+            self.host.exports, refusal=self.refusal, tls=self.host.tls_mode,
+            block_sizes=BlockSizes(maximum=self.host.max_payload))
         self._transport.write(self._handshake.data_to_send())
         limit = self.host.handshake_limit
         if limit:
@@ -347,10 +347,10 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
         # the compact and the extended parser are separate classes, so neither
         # connection's per-request path looks at which one it has
         if done.negotiated.extended:
-            self._core = ExtendedTransmission(done.negotiated, max_payload=self.max_payload)
+            self._core = ExtendedTransmission(done.negotiated)
             log.info("%s: extended headers", self.peer)
         else:
-            self._core = ServerTransmission(done.negotiated, max_payload=self.max_payload)
+            self._core = ServerTransmission(done.negotiated)
         sock = self._transport.get_extra_info("socket")
         plain_socket = sock is not None and self._transport.get_extra_info("sslcontext") is None
         if plain_socket:
