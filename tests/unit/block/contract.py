@@ -47,7 +47,6 @@ from tests.unit.block.support import (
     assert_old_or_zero,
     check_extents,
     check_guards,
-    close_all,
     first_difference,
     pattern,
     read,
@@ -56,6 +55,7 @@ from tests.unit.block.support import (
     start_write,
 )
 
+from pynbd.block.graph import close_subtree
 from pynbd.block.node import Capabilities, FastPaths, FastZeroUnsupported, Node
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class NodeContract:
             yield stack
             run(check_guards(stack))
         finally:
-            run(close_all(stack.top))
+            run(close_subtree(stack.top))
 
     @pytest.fixture
     def node(self, stack: Stack) -> Node:

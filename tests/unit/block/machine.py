@@ -23,7 +23,6 @@ from tests.unit.block.support import (
     assert_old_or_zero,
     check_extents,
     check_guards,
-    close_all,
     first_difference,
     pattern,
     read,
@@ -31,6 +30,7 @@ from tests.unit.block.support import (
     start_write,
 )
 
+from pynbd.block.graph import close_subtree
 from pynbd.block.node import ExtentFlags, FastZeroUnsupported
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class NodeMachine(RuleBasedStateMachine):
             try:
                 self.run(check_guards(self.stack))
             finally:
-                self.run(close_all(self.node))
+                self.run(close_subtree(self.node))
         finally:
             self.loop.close()
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 
 from pynbd.block.faults import COMMANDS, FaultFilter, FaultRule
-from pynbd.block.graph import subtree
 from pynbd.block.node import Extent, ExtentFlags, Node
 from pynbd.block.raw import RawNode
 
@@ -139,10 +138,6 @@ async def outcome(call: Awaitable[object]) -> int:
     return 0
 
 
-async def close_all(top: Node) -> None:
-    """Close ``top`` and every node under it once, parents first (as the graph does)."""
-    for node in list(subtree(top)):
-        await node.close()
 
 
 # -- the direct fast paths, driven as the server drives them --------------------------------
