@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from pynbd.proto.constants import BASE_ALLOCATION
 from pynbd.proto.negotiated import transmission_flags
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ class FakeExport:
     read_only: bool = False
     multi_conn: bool = True
     fixed: TransmissionFlag | None = None
+    meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,)
 
     def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
         if self.fixed is not None:

@@ -71,6 +71,9 @@ class FilterNode(Node):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return await self.child.block_status(offset, length)
 
+    async def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self.child.allocation_depth(offset, length)
+
     async def cache(self, offset: int, length: int) -> None:
         await self.child.cache(offset, length)
 

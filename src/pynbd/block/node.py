@@ -298,6 +298,14 @@ class Node(abc.ABC):
         past the end of the node.
         """
 
+    async def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, depth)`` runs from ``offset``, as ``block_status`` (at least one,
+        consecutive, never past the end): the depth in the backing chain of the
+        layer that holds the bytes, 1 for this node, 0 for none (qemu's
+        ``qemu:allocation-depth``).  A node without a backing chain holds all of
+        itself: the default is depth 1 throughout."""
+        return [(min(length, self.size - offset), 1)]
+
     async def cache(self, offset: int, length: int) -> None:  # noqa: B027 - optional hook
         """Prefetch the range (advisory); the default does nothing."""
 

@@ -100,6 +100,10 @@ class RawNode(FilterNode):
         await self.child.write_zeroes(self.offset + offset, length, may_trim=may_trim,
                                       fast=fast, fua=fua)
 
+    async def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        # a raw image holds all of itself (as qemu counts: not a filter here)
+        return [(min(length, self.size - offset), 1)]
+
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         limit = min(length, self.size - offset)
         extents: list[Extent] = []

@@ -227,7 +227,8 @@ async def _serve(config: Config, graph: BlockGraph, node: Node,
                  sockets: list[socket.socket]) -> None:
     exports = ExportTable()
     exports.add(Export(config.export_name, node, description=config.description,
-                       read_only=config.read_only, multi_conn=config.shared != 1))
+                       read_only=config.read_only, multi_conn=config.shared != 1,
+                       allocation_depth=config.allocation_depth))
     server = Server(exports, max_connections=config.shared, persistent=config.persistent,
                     handshake_limit=config.handshake_limit, max_payload=config.max_payload,
                     tls=config.tls, tls_mode=config.tls_mode)

@@ -89,6 +89,8 @@ class Config:
     inetd: bool = False
     #: the largest request payload accepted, advertised as the maximum block size
     max_payload: int = MAX_PAYLOAD
+    #: offer the qemu:allocation-depth metadata context (-A)
+    allocation_depth: bool = False
 
 
 def _nonneg_int(text: str) -> int:
@@ -179,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image format: raw or qcow2 (default: probed from the image)")
     p.add_argument("-o", "--offset", type=_nonneg_int, default=0,
                    help="export the image starting at this byte offset")
+    p.add_argument("-A", "--allocation-depth", action="store_true",
+                   help="offer the qemu:allocation-depth metadata context")
     p.add_argument("--discard", choices=("ignore", "unmap", "off", "on"), default="ignore",
                    help="ignore (default) or unmap (pass trims to the image)")
     p.add_argument("--rbd-lock", choices=("auto", "exclusive"), default="auto",
@@ -317,7 +321,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
         tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed,
         poll_max_ns=ns.poll_max_ns, listen_options=_listen_options(ns), inetd=ns.inetd,
-        max_payload=ns.max_payload)
+        max_payload=ns.max_payload, allocation_depth=ns.allocation_depth)
 
 
 def fault_rules(specs: Sequence[str]) -> list[FaultRule]:

@@ -186,3 +186,8 @@ STATE_ZERO = 2
 
 #: the only metadata context the spec defines
 BASE_ALLOCATION = "base:allocation"
+#: qemu's: the depth in the backing chain of the layer holding each extent
+#: (0: unallocated in every layer, 1: the top layer, ...)
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+#: qemu's: one exported dirty bitmap (bit 0: dirty)
+DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"

@@ -66,6 +66,9 @@ class Request(NamedTuple):
     length: int
     #: WRITE data (exactly ``length`` bytes); ``None`` for other commands
     payload: bytes | bytearray | memoryview | None = None
+    #: BLOCK_STATUS in its payload form (extended headers): the ids of the
+    #: contexts to report; ``None``: every negotiated context
+    contexts: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

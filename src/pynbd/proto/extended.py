@@ -12,9 +12,9 @@ Rules of this module (beyond those of ``proto.transmission``):
   above the maximum payload ends the connection (after an error reply); any
   other is read whole.  BLOCK_STATUS has a payload form when a context was
   negotiated (``NBD_FLAG_BLOCK_STATUS_PAYLOAD``): a 64-bit effect length and
-  the ids of the contexts to report, each negotiated and named once (there
-  is only one context, so the request then reports what it always does);
-  any other command with a payload, or a bad payload, is ``NBD_EINVAL``.
+  the ids of the contexts to report, each negotiated and named once (the
+  request's ``contexts``); any other command with a payload, or a bad
+  payload, is ``NBD_EINVAL``.
   Without the flag the length is an effect length of up to 64 bits and no
   payload follows, except on WRITE: a WRITE's length is its
   payload's, flag or not.  The client MUST set the flag on WRITE, but qemu's
@@ -142,18 +142,19 @@ class ExtendedTransmission(ServerTransmission):
                 self._disconnected = True
                 return Disconnect()
         self._offsets[cookie] = offset
+        contexts: tuple[int, ...] | None = None
         if cmd == _WRITE:
             flags &= _NOT_PAYLOAD_LEN
         elif payload is not None:
-            effect = self._status_payload(cmd, payload)
+            status = self._status_payload(cmd, payload)
             self.recycle(payload)
             payload = None
-            if effect is None:
+            if status is None:
                 return InvalidRequest(cookie, cmd, Errno.EINVAL,
                                       f"{_command_name(cmd)} does not take this payload "
                                       "(NBD_CMD_FLAG_PAYLOAD_LEN)", offset)
             flags &= _NOT_PAYLOAD_LEN
-            length = effect
+            length, contexts = status
         rule = self._fast_rules.get(cmd)
         if (rule is None or flags & rule[0] or length > rule[1] or length < rule[2]
                 or (rule[3] and offset + length > self._size)
@@ -162,22 +163,21 @@ class ExtendedTransmission(ServerTransmission):
             if problem is not None:
                 errno, message = problem
                 return InvalidRequest(cookie, cmd, errno, message, offset)
-        return Request(cmd, flags, cookie, offset, length, payload)
+        return Request(cmd, flags, cookie, offset, length, payload, contexts)
 
-    def _status_payload(self, cmd: int, payload: Buffer) -> int | None:
-        """The effect length of a BLOCK_STATUS in its payload form, if the form was
-        offered and the payload is valid: the length, then every id to report
-        (negotiated ones, each once).  ``None``: any other payload."""
+    def _status_payload(self, cmd: int, payload: Buffer) -> tuple[int, tuple[int, ...]] | None:
+        """The effect length and the context ids of a BLOCK_STATUS in its payload
+        form, if the form was offered and the payload is valid: the length, then
+        the ids to report (negotiated ones, each once).  ``None``: any other
+        payload."""
         if (cmd != _BLOCK_STATUS or not self._flags & _STATUS_PAYLOAD
                 or len(payload) < 12 or len(payload) % 4):
             return None
         (effect,) = wire.U64.unpack_from(payload)
-        ids = [int(i) for (i,) in wire.U32.iter_unpack(memoryview(payload)[8:])]
-        # every id once, all of them negotiated; a proper subset would need a reply
-        # for just those contexts, which cannot happen with the one context there is
-        if len(set(ids)) != len(ids) or set(ids) != self.negotiated.meta_contexts.keys():
+        ids = tuple(int(i) for (i,) in wire.U32.iter_unpack(memoryview(payload)[8:]))
+        if len(set(ids)) != len(ids) or not self.negotiated.meta_contexts.keys() >= set(ids):
             return None
-        return int(effect)
+        return int(effect), ids
 
     def _need_header(self) -> TransmissionEvent:
         """No whole header yet: a wrong magic is an error at once (a compact

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from . import wire
 from .constants import (
-    BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
     EXPORT_NAME_ZEROES,
     IHAVEOPT,
     MAX_META_QUERIES,
@@ -41,8 +41,10 @@ if TYPE_CHECKING:
     import struct
     from collections.abc import Callable
 
-#: the id we give base:allocation when a client selects it
+#: the id base:allocation has (every export offers it first)
 BASE_ALLOCATION_ID = 0
+#: LIST_META_CONTEXT queries that name a namespace's contexts as a group (as qemu)
+_WILDCARDS = ("base:", "qemu:", DIRTY_BITMAP_PREFIX)
 #: option data longer than this ends the connection (qemu's limit)
 _HARD_OPTION_LIMIT = MAX_PAYLOAD
 
@@ -428,10 +430,13 @@ class ServerHandshake:
         return self._find_export(name), queries
 
     def _handle_list_meta_context(self, data: bytes) -> None:
-        _, queries = self._parse_meta_request(data)
-        if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
+        export, queries = self._parse_meta_request(data)
+        offered = export.meta_contexts
+        listed = [name for name in offered
+                  if not queries or any(_lists(query, name) for query in queries)]
+        for name in listed:  # ids in LIST replies mean nothing: 0, as qemu
             self._reply(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT,
-                        wire.U32.pack(0) + BASE_ALLOCATION.encode())
+                        wire.U32.pack(0) + name.encode())
         self._reply(Opt.LIST_META_CONTEXT, Rep.ACK)
 
     def _handle_set_meta_context(self, data: bytes) -> None:
@@ -441,10 +446,12 @@ class ServerHandshake:
             raise _OptionRefused(Rep.ERR_INVALID,
                                  "NBD_OPT_SET_META_CONTEXT needs structured replies first")
         export, queries = self._parse_meta_request(data)
-        if BASE_ALLOCATION in queries:
-            self._meta_contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION}
-            self._reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT,
-                        wire.U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
+        wanted = set(queries)  # exact names only: SET takes no wildcard
+        for context_id, name in enumerate(export.meta_contexts):
+            if name in wanted:
+                self._meta_contexts[context_id] = name
+                self._reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT,
+                            wire.U32.pack(context_id) + name.encode())
         self._meta_export = export.name
         self._reply(Opt.SET_META_CONTEXT, Rep.ACK)
 
@@ -469,3 +476,10 @@ class ServerHandshake:
     def _done(self, negotiated: Negotiated) -> HandshakeDone:
         self._state = _State.DONE
         return HandshakeDone(negotiated, trailing=self._take(len(self._buf)))
+
+
+def _lists(query: str, name: str) -> bool:
+    """Whether a LIST_META_CONTEXT query names context ``name``: exactly, or as
+    one of the namespace wildcards qemu answers (``base:``, ``qemu:``,
+    ``qemu:dirty-bitmap:``)."""
+    return query == name or (query in _WILDCARDS and name.startswith(query))

@@ -28,6 +28,12 @@ class ExportView(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def meta_contexts(self) -> tuple[str, ...]:
+        """The metadata contexts this export offers, ``base:allocation`` first; a
+        context's id is its index here."""
+        ...
+
     def transmission_flags(self, *, structured: bool) -> TransmissionFlag:
         """The flags to advertise to a client with this negotiated state."""
         ...

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pynbd.block.graph import one_store
-from pynbd.proto.constants import MAX_STRING, TransmissionFlag
+from pynbd.proto.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_STRING, TransmissionFlag
 from pynbd.proto.negotiated import transmission_flags
 
 if TYPE_CHECKING:
@@ -35,10 +35,13 @@ class Export:
         multi_conn: the server lets more than one client connect, so the
             export may advertise CAN_MULTI_CONN (if every node under it keeps
             one store).
+        allocation_depth: offer qemu's ``qemu:allocation-depth`` context
+            (qemu-nbd ``-A``).
     """
 
     def __init__(self, name: str, node: Node, *, description: str = "",
-                 read_only: bool = False, multi_conn: bool = False) -> None:
+                 read_only: bool = False, multi_conn: bool = False,
+                 allocation_depth: bool = False) -> None:
         for label, text in (("export name", name), ("description", description)):
             if len(text.encode("utf-8")) > MAX_STRING:
                 raise ValueError(f"{label} is longer than {MAX_STRING} bytes")
@@ -53,6 +56,9 @@ class Export:
         self.multi_conn = multi_conn and one_store(node)
         #: connections currently in the transmission phase on this export
         self.clients = 0
+        #: the metadata contexts offered; a context's id is its index
+        self.meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,) + (
+            (ALLOCATION_DEPTH,) if allocation_depth else ())
 
     @property
     def name(self) -> str:

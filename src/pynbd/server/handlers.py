@@ -17,12 +17,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..block.node import ExtentFlags
-from ..proto.constants import Cmd, CmdFlag, Errno
+from ..proto.constants import ALLOCATION_DEPTH, Cmd, CmdFlag, Errno
 from ..proto.errors import nbd_errno
 from .connstate import ConnectionState
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from ..block.node import Extent
     from ..proto.events import Request
@@ -48,6 +48,19 @@ def clip_extents(extents: Iterable[Extent], offset: int, end: int,
         clipped.append((length, extent.flags))
         pos += length
         if pos >= end:
+            break
+    return clipped
+
+
+def clip_runs(runs: Iterable[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """``clip_extents`` for ``(length, value)`` runs: cut at ``length`` bytes."""
+    clipped: list[tuple[int, int]] = []
+    left = length
+    for run_length, value in runs:
+        take = min(run_length, left)
+        clipped.append((take, value))
+        left -= take
+        if left <= 0:
             break
     return clipped
 
@@ -151,13 +164,18 @@ class Handlers(ConnectionState):
 
     async def _do_block_status(self, request: Request) -> list[Buffer]:
         export, core = self._export_core
-        extents: list[tuple[int, int]] = [(request.length, 0)]
-        if export.node.capabilities.can_extents:
-            pos, end = request.offset, request.offset + request.length
-            extents = [(length, int(flags)) for length, flags in
-                       clip_extents(await export.io.block_status(pos, end - pos),
-                                    pos, end)]
-        if request.flags & CmdFlag.REQ_ONE:
-            extents = extents[:1]
-        return core.reply_block_status(
-            request.cookie, [(cid, extents) for cid in core.negotiated.meta_contexts])
+        selected = core.negotiated.meta_contexts
+        ids = selected.keys() if request.contexts is None else request.contexts
+        pos, end = request.offset, request.offset + request.length
+        replies: list[tuple[int, Sequence[tuple[int, int]]]] = []
+        for cid in ids:
+            if selected[cid] == ALLOCATION_DEPTH:
+                runs = clip_runs(await export.io.allocation_depth(pos, end - pos), end - pos)
+            elif export.node.capabilities.can_extents:  # base:allocation
+                runs = [(length, int(flags)) for length, flags in
+                        clip_extents(await export.io.block_status(pos, end - pos),
+                                     pos, end)]
+            else:
+                runs = [(request.length, 0)]
+            replies.append((cid, runs[:1] if request.flags & CmdFlag.REQ_ONE else runs))
+        return core.reply_block_status(request.cookie, replies)

@@ -8,6 +8,7 @@ start of a further request appended) and through ``get_buffer`` in pieces.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from tests.support.fakes import FakeCatalog, FakeExport
 
 from pynbd.proto import wire
 from pynbd.proto.constants import (
+    ALLOCATION_DEPTH,
     BASE_ALLOCATION,
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
@@ -365,7 +367,21 @@ def test_block_status_payload_form(flags: int) -> None:
     payload = status_payload(1 << 39, 0)
     event = one_event(EXT_BIG, req(Cmd.BLOCK_STATUS, 4096, len(payload),
                                    flags=flags | PAYLOAD_LEN, payload=payload))
-    assert event == Request(Cmd.BLOCK_STATUS, flags, COOKIE, 4096, 1 << 39, None)
+    assert event == Request(Cmd.BLOCK_STATUS, flags, COOKIE, 4096, 1 << 39, None, (0,))
+
+
+@pytest.mark.parametrize("ids", [(1,), (0,), (1, 0), (0, 1)])
+def test_block_status_payload_names_some_of_the_contexts(ids: tuple[int, ...]) -> None:
+    """With two contexts negotiated, the payload may ask for one, or both in any
+    order: the request carries the ids, for the handler to answer just those."""
+    two = dataclasses.replace(EXT, meta_contexts={0: BASE_ALLOCATION, 1: ALLOCATION_DEPTH})
+    payload = status_payload(512, *ids)
+    event = one_event(two, req(Cmd.BLOCK_STATUS, 0, len(payload), flags=PAYLOAD_LEN,
+                               payload=payload))
+    assert event == Request(Cmd.BLOCK_STATUS, 0, COOKIE, 0, 512, None, ids)
+    bad = status_payload(512, 2)
+    event = one_event(two, req(Cmd.BLOCK_STATUS, 0, len(bad), flags=PAYLOAD_LEN, payload=bad))
+    assert isinstance(event, InvalidRequest)
 
 
 @pytest.mark.parametrize(("negotiated", "payload", "errno"), [

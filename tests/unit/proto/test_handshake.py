@@ -873,3 +873,51 @@ def test_real_exports_through_list_and_go() -> None:
     assert infos[Info.DESCRIPTION] == b"read-only view"
     assert done.negotiated.export is table.lookup("snap")
     assert done.negotiated.read_only
+
+
+# -- several contexts: qemu:allocation-depth, bitmaps ---------------------------------------
+
+DEPTH = "qemu:allocation-depth"
+BITMAPS = ("qemu:dirty-bitmap:b0", "qemu:dirty-bitmap:b1")
+RICH = FakeExport("rich", meta_contexts=(BASE_ALLOCATION, DEPTH, *BITMAPS))
+RICH_CATALOG = FakeCatalog(DISK, RICH)
+
+
+def _listed(queries: tuple[str, ...], export: str = "rich") -> list[str]:
+    result = three_ways(CLIENT + STRUCTURED
+                        + option(Opt.LIST_META_CONTEXT, meta_data(export, queries)),
+                        catalog=RICH_CATALOG)
+    got = [g for g in replies(result.out) if g[0] == Opt.LIST_META_CONTEXT]
+    assert got[-1] == (Opt.LIST_META_CONTEXT, Rep.ACK, b"")
+    assert all(rep == Rep.META_CONTEXT and data[:4] == bytes(4) for _, rep, data in got[:-1])
+    return [data[4:].decode() for _, _, data in got[:-1]]
+
+
+@pytest.mark.parametrize(("queries", "expected"), [
+    ((), [BASE_ALLOCATION, DEPTH, *BITMAPS]),  # no query: every context
+    (("qemu:",), [DEPTH, *BITMAPS]),  # qemu's namespace wildcard
+    (("qemu:dirty-bitmap:",), list(BITMAPS)),  # every exported bitmap
+    (("base:",), [BASE_ALLOCATION]),
+    ((DEPTH,), [DEPTH]),
+    (("qemu:dirty-bitmap:b1", "base:allocation"), [BASE_ALLOCATION, BITMAPS[1]]),
+    (("qemu:dirty-bitmap:b", "qemu:allocation", "qemu"), []),  # prefixes are not wildcards
+])
+def test_list_meta_context_wildcards(queries: tuple[str, ...], expected: list[str]) -> None:
+    assert _listed(queries) == expected
+
+
+def test_list_meta_context_offers_only_the_exports_contexts() -> None:
+    assert _listed((), export="disk") == [BASE_ALLOCATION]
+    assert _listed((DEPTH, "qemu:"), export="disk") == []
+
+
+def test_set_meta_context_selects_several_by_exact_name() -> None:
+    result = three_ways(CLIENT + STRUCTURED
+                        + _set("rich", BITMAPS[1], "qemu:", DEPTH, BASE_ALLOCATION, DEPTH)
+                        + go("rich"), catalog=RICH_CATALOG)
+    got = [g for g in replies(result.out) if g[0] == Opt.SET_META_CONTEXT]
+    assert got[-1] == (Opt.SET_META_CONTEXT, Rep.ACK, b"")
+    chosen = {struct.unpack_from(">I", data)[0]: data[4:].decode() for _, _, data in got[:-1]}
+    assert sorted(chosen.values()) == sorted([BASE_ALLOCATION, DEPTH, BITMAPS[1]])
+    assert len(got) == 4  # DEPTH asked twice is selected once; "qemu:" selects nothing
+    assert result.negotiated.meta_contexts == chosen

@@ -272,6 +272,54 @@ class Qcow2Reader(Node):
         return True
 
 
+    # -- allocation depth ---------------------------------------------------------
+
+    async def allocation_depth(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Depth 1 where this image's clusters say (data, or zero clusters: both
+        allocated here), else the backing chain's depth plus one, 0 where no
+        layer holds the bytes (qemu's ``qemu:allocation-depth``)."""
+        length = min(length, self.size - offset)
+        runs: list[tuple[int, int]] = []
+        for piece in await self.walk(offset, length, MAX_TABLES_PER_STATUS):
+            if piece.kind is not Kind.UNALLOCATED:
+                _add_run(runs, piece.length, 1)
+            elif not await self._backing_depth(runs, piece.offset, piece.length):
+                break
+        return runs or [(length, 1)]
+
+    async def _backing_depth(self, runs: list[tuple[int, int]], offset: int,
+                             length: int) -> bool:
+        """Add the depths of an unallocated range; False if the backing node
+        answered short."""
+        end = offset + length
+        pos = offset
+        backing = self.backing
+        if backing is not None:
+            while pos < min(end, backing.size):
+                count = min(end, backing.size) - pos
+                for run_length, depth in await backing.allocation_depth(pos, count):
+                    take = min(run_length, count)
+                    _add_run(runs, take, depth + 1 if depth else 0)
+                    pos += take
+                    count -= take
+                    if count == 0:
+                        break
+                if count:
+                    return False
+        if pos < end:
+            # past a short backing node's end its zeroes count as its own (as
+            # qemu's bdrv_co_common_block_status_above): depth 2 from here
+            _add_run(runs, end - pos, 0 if backing is None else 2)
+        return True
+
+
+def _add_run(runs: list[tuple[int, int]], length: int, depth: int) -> None:
+    if runs and runs[-1][1] == depth:
+        runs[-1] = (runs[-1][0] + length, depth)
+    else:
+        runs.append((length, depth))
+
+
 def _add_extent(extents: list[Extent], length: int, flags: ExtentFlags) -> None:
     if extents and extents[-1].flags == flags:
         extents[-1] = Extent(extents[-1].length + length, flags)

@@ -45,8 +45,8 @@ NBD_SERVER_START = s.Struct(
     frozenset({"max-connections", "tls-creds", "tls-authz", "handshake-max-seconds"}))
 BLOCK_EXPORT_ADD = s.Struct(
     {"type": s.Enum(("nbd",)), "id": str, "node-name": str, "name": str,
-     "description": str, "writable": bool, "writethrough": bool},
-    frozenset({"name", "description", "writable", "writethrough"}))
+     "description": str, "writable": bool, "writethrough": bool, "allocation-depth": bool},
+    frozenset({"name", "description", "writable", "writethrough", "allocation-depth"}))
 BLOCK_EXPORT_DEL = s.Struct({"id": str, "mode": s.Enum(("safe", "hard"))},
                             frozenset({"mode"}))
 
@@ -110,7 +110,8 @@ async def _block_export_add(engine: Engine, args: dict[str, JSON]) -> JSON:
     try:
         export = Export(name, node, description=args.get("description", ""),
                         read_only=not writable,
-                        multi_conn=engine.nbd.server.multi_conn)
+                        multi_conn=engine.nbd.server.multi_conn,
+                        allocation_depth=bool(args.get("allocation-depth", False)))
     except ValueError as err:
         raise generic_error(str(err)) from None
     engine.table.add(export)
