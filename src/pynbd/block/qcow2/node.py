@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from ..fileio import ZEROES, as_bytes
 from ..node import Capabilities, FastZeroUnsupported, Node
 from .entries import ALL_SUB, COPIED, compressed_host_clusters, encode, have_zstd
+from .fast import Qcow2Fast
 from .header import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
@@ -41,7 +42,7 @@ from .header import (
     Qcow2Error,
     read_header,
 )
-from .reads import Kind, Qcow2Reader
+from .reads import Kind
 from .rebuild import rebuild_refcounts
 from .refcount import Refcounts
 
@@ -57,7 +58,7 @@ DEFAULT_CACHE_SIZE = 32 << 20
 RELEASE_BATCH = 4096
 
 
-class Qcow2Node(Qcow2Reader):
+class Qcow2Node(Qcow2Fast):
     """A qcow2 image in ``file``; build with ``await Qcow2Node.open(file)``."""
 
     driver = "qcow2"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
-from tests.unit.block.contract import NodeContract
+from tests.unit.block.contract import NodeContract, _offered
 from tests.unit.block.machine import NodeMachine
 from tests.unit.block.qcow2.images import (
     assert_clean,
@@ -22,12 +22,14 @@ from tests.unit.block.qcow2.images import (
 )
 from tests.unit.block.support import MODEL_SIZE, Stack, read
 
+from pynbd.block.file import FileNode
 from pynbd.block.memory import MemoryNode
-from pynbd.block.node import FastPaths, Node
 from pynbd.block.qcow2 import Qcow2Node
 
 if TYPE_CHECKING:
     import pathlib
+
+    from pynbd.block.node import Node
 
 pytestmark = needs_qemu
 
@@ -55,11 +57,12 @@ class _Qcow2Contract(NodeContract):
     def make_protocol(self, tmp_path: pathlib.Path, size: int) -> Node:
         return qcow2_in_memory(size, self.options)
 
-    # the qcow2 node is a format node, not a protocol node: it has a child and no
-    # fast paths, so these two contract tests are replaced by qcow2's own
+    # the qcow2 node is a format node, not a protocol node: it has a child, and fast
+    # paths only where its file has them, so these two tests are replaced by qcow2's own
     def test_graph_facing_parts(self, stack: Stack) -> None:
         node = stack.top
-        assert node.filename == stack.protocol.filename == ""
+        assert isinstance(stack.protocol, Qcow2Node)
+        assert node.filename == stack.protocol.filename == stack.protocol.file.filename
         assert node.resolve().resolve() is node.resolve()
         assert stack.protocol.resolve() is stack.protocol
         assert isinstance(stack.protocol, Qcow2Node)
@@ -67,11 +70,26 @@ class _Qcow2Contract(NodeContract):
         assert list(stack.protocol.children) == ["file"]
 
     def test_layers_keep_every_fast_path(self, stack: Stack) -> None:
-        assert stack.protocol.fast_paths() == FastPaths()
+        offered = {"pread_nowait", "pwrite_nowait"}  # its file (memory, file) has them
+        assert _offered(stack.protocol.fast_paths()) == offered
+        assert _offered(stack.top.resolve().fast_paths()) == offered
+        assert _offered(stack.top.fast_paths()) == offered
 
 
 class TestQcow2Default(_Qcow2Contract):
     options = ()
+
+
+class TestQcow2OverFile(_Qcow2Contract):
+    """Over a file, whose nowait calls give the qcow2 node its fast paths (taken
+    whenever the clusters are mapped in memory)."""
+
+    options = ("cluster_size=4k",)
+
+    def make_protocol(self, tmp_path: pathlib.Path, size: int) -> Node:
+        image = tmp_path / "contract.qcow2"
+        image.write_bytes(_template(size, self.options))
+        return in_new_loop(lambda: Qcow2Node.open(FileNode(str(image))))
 
 
 class TestQcow2ExtendedL2(_Qcow2Contract):
