@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# the process-tree helpers are bench/run.py's (this script runs from bench/)
+# the process-tree helpers are bench/procs.py's (this script runs from bench/)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _stat_fields, descendants
+from procs import descendants, stat_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("pynbd", "qemu-nbd", "nbdkit", "nbd-server")
@@ -73,7 +73,7 @@ class Server:
 
 def pid_alive(pid: int) -> bool:
     try:
-        return _stat_fields(pid)[0] not in ("Z", "X")
+        return stat_fields(pid)[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
 
