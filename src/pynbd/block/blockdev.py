@@ -147,6 +147,9 @@ class _Builder:
 
     async def raw(self, options: Options, read_only: bool) -> Node:
         child = await self.child(options, "file", read_only, "raw")
+        if options.get("x-snapshot") is not None:  # -l: qemu-nbd's words
+            raise BlockdevError("Failed to load snapshot: Block format 'raw' used by device "
+                                "'' does not support temporarily loading internal snapshots")
         try:
             return RawNode(child, offset=options.get("offset", 0), size=options.get("size"),
                            read_only=read_only, probed=bool(options.get("x-probed")))
@@ -155,6 +158,7 @@ class _Builder:
 
     async def qcow2(self, options: Options, read_only: bool) -> Node:
         from .qcow2 import Qcow2Error, Qcow2Node, read_info
+        from .qcow2.snapshots import SnapshotError
 
         file = await self.child(options, "file", read_only, "qcow2")
         try:
@@ -167,8 +171,12 @@ class _Builder:
         elif "backing" not in options and info.backing_file:
             backing = await self.backing_file(file, info.backing_file, info.backing_format)
         try:
+            # "x-snapshot" (the command line's -l, not in the QMP schema): a SnapshotRef
             return await Qcow2Node.open(file, backing=backing, read_only=read_only,
-                                        cache_size=options.get("cache-size"))
+                                        cache_size=options.get("cache-size"),
+                                        snapshot=options.get("x-snapshot"))
+        except SnapshotError as err:
+            raise BlockdevError(f"Failed to load snapshot: {err}") from None
         except Qcow2Error as err:
             raise BlockdevError(f"Could not open '{file.filename}': {err}") from None
 

@@ -96,6 +96,8 @@ async def blockdev_options(config: Config) -> dict[str, Any]:
     (raw, with ``-o``'s window, or qcow2, which opens its backing chain) over the
     image's protocol node.  Without -f an image file's format is probed."""
     protocol, read_only = _protocol_options(config)
+    if config.snapshot:  # -s: the image is the overlay's backing, never written
+        protocol["read-only"] = read_only = True
     fmt, probed = config.fmt, False
     if fmt is None and protocol["driver"] == "file":
         fmt = await _probe(config)
@@ -109,12 +111,15 @@ async def blockdev_options(config: Config) -> dict[str, Any]:
         options["offset"] = config.offset
     if probed:
         options["x-probed"] = True
+    if config.load_snapshot is not None:  # -l: the format node loads it (or refuses)
+        options["x-snapshot"] = config.load_snapshot
     return options
 
 
 async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
-    """Build the image's nodes (and ``--fault``'s filter over them); the graph and the
-    node to export.  ``UsageError`` (one line) if the image cannot be opened."""
+    """Build the image's nodes (and ``-s``'s overlay and ``--fault``'s filter over
+    them); the graph and the node to export.  ``UsageError`` (one line) if the image
+    cannot be opened."""
     graph = BlockGraph()
     opened: list[Node] = []
     options = await blockdev_options(config)
@@ -126,9 +131,17 @@ async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
         if config.image.startswith(MEMORY_PREFIX):
             raise UsageError(f"bad memory disk size: {err}") from None
         raise UsageError(str(err)) from None
-    if options.get("x-probed"):  # one line, once the image is known to open
+    if options.get("x-probed") and not config.snapshot:  # one line, once it opens
         print(f"pynbd: no format given for '{config.image}': probed raw; writes to its "
               "first sector are restricted (give -f raw to lift this)", file=sys.stderr)
+    if config.snapshot:  # writes go to a temporary overlay (never to the image)
+        from ..block.overlay import OverlayError, open_overlay
+
+        try:
+            node = await open_overlay(graph, node)
+        except OverlayError as err:
+            await graph.close()
+            raise UsageError(str(err)) from None
     if config.faults:
         faults = FaultFilter(node, fault_rules(config.faults), seed=config.fault_seed)
         graph.add(faults, graph.generated_name())

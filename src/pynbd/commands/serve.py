@@ -37,6 +37,8 @@ from .common import POLL_HELP, poll_max_ns_arg
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ..block.qcow2.snapshots import SnapshotRef
+
 DEFAULT_PORT = 10809
 MEMORY_PREFIX = "memory:"
 RBD_PREFIX = "rbd:"
@@ -58,6 +60,8 @@ class Config:
 
     image: str
     read_only: bool = False
+    #: -l: the internal snapshot of a qcow2 image to export (read-only), or None
+    load_snapshot: SnapshotRef | None = None
     shared: int = 1
     persistent: bool = False
     export_name: str = ""
@@ -68,6 +72,8 @@ class Config:
     #: the image format (raw, qcow2); None: probed, as qemu-nbd does without -f
     fmt: str | None = None
     offset: int = 0
+    #: -s: serve through a temporary qcow2 overlay, so that the image is never written
+    snapshot: bool = False
     discard: str = "ignore"
     fork: bool = False
     pid_file: str | None = None
@@ -144,6 +150,46 @@ def _max_payload(text: str) -> int:
     return value
 
 
+def _snapshot_ref(text: str | None) -> SnapshotRef | None:
+    """``-l``, as qemu-nbd reads it: ``snapshot.id=ID,snapshot.name=NAME`` (either or
+    both; ``,,`` is a comma; the last of a key counts; a key alone means ``on``), or
+    anything else as an ID or NAME (tried as an id first)."""
+    if text is None:
+        return None
+    from ..block.qcow2.snapshots import SnapshotRef
+
+    if not text.startswith("snapshot."):
+        return SnapshotRef(either=text)
+    values: dict[str, str] = {}
+    for item in text.replace(",,", "\0").split(","):
+        if not item:
+            continue
+        key, sep, value = item.replace("\0", ",").partition("=")
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise UsageError(f"Failed in parsing snapshot param `{text}': "
+                             f"Invalid parameter '{key}'")
+        values[key] = value if sep else "on"
+    return SnapshotRef(id=values.get("snapshot.id"), name=values.get("snapshot.name"))
+
+
+#: --cache's modes as qemu-nbd takes them ("off" is qemu's other name for "none")
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def _cache_mode(ns: argparse.Namespace, discard: str) -> str:
+    """--cache (or -n), checked with --aio and --detect-zeroes as qemu-nbd checks them."""
+    if ns.nocache and ns.cache is not None:
+        raise UsageError("-n and --cache can only be specified once")
+    cache = "none" if ns.nocache or ns.cache == "off" else ns.cache or "writeback"
+    if ns.aio != "threads":
+        raise UsageError(f"--aio={ns.aio} is not supported: pynbd does its file I/O in a "
+                         "thread pool (--aio=threads, the default)")
+    if ns.detect_zeroes == "unmap" and discard != "unmap":
+        raise UsageError("setting detect-zeroes to unmap is not allowed without setting "
+                         "discard operation to unmap")
+    return str(cache)
+
+
 def _listen_options(ns: argparse.Namespace) -> tuple[str, ...]:
     """Which of -k, -b, -p were given, refused with --inetd."""
     given = tuple(flag for flag, value in (("-k", ns.socket_path), ("-b", ns.bind),
@@ -163,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw image file or block device, memory:SIZE for a RAM disk, or "
                    "rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] for a Ceph RBD image")
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    p.add_argument("-l", "--load-snapshot", metavar="SNAPSHOT",
+                   help="export an internal snapshot of a qcow2 image, read-only: "
+                   "snapshot.id=ID,snapshot.name=NAME (either or both) or ID_OR_NAME")
+    p.add_argument("-s", "--snapshot", action="store_true",
+                   help="serve through a temporary qcow2 overlay: writes go to it, never "
+                   "to IMAGE, and are gone when the server exits")
     p.add_argument("-e", "--shared", type=_shared, default=1, metavar="NUM",
                    help="allow NUM simultaneous clients (default 1, 0 = unlimited)")
     p.add_argument("-t", "--persistent", action="store_true",
@@ -310,8 +362,14 @@ def parse_args(argv: Sequence[str]) -> Config:
     fault_rules(ns.fault)
     if ns.fault_seed is not None and not ns.fault:
         raise UsageError("--fault-seed needs --fault")
+    if ns.snapshot and ns.load_snapshot is not None:
+        raise UsageError("-s/--snapshot and -l/--load-snapshot cannot be used together "
+                         "(the temporary overlay has no internal snapshots to load)")
     return Config(
-        image=ns.image, read_only=ns.read_only, shared=ns.shared, persistent=ns.persistent,
+        image=ns.image, read_only=ns.read_only or ns.load_snapshot is not None,
+        load_snapshot=_snapshot_ref(ns.load_snapshot),
+        shared=ns.shared, persistent=ns.persistent,
+        snapshot=ns.snapshot,
         export_name=ns.export_name, description=ns.description,
         port=DEFAULT_PORT if ns.port is None else ns.port,
         bind="0.0.0.0" if ns.bind is None else ns.bind,

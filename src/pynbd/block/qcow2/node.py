@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .cache import TableCache
     from .entries import Mapping
     from .header import Header
+    from .snapshots import SnapshotRef
 
 #: qemu's default L2 cache limit
 DEFAULT_CACHE_SIZE = 32 << 20
@@ -86,8 +87,13 @@ class Qcow2Node(Qcow2Fast):
 
     @classmethod
     async def open(cls, file: Node, *, backing: Node | None = None, read_only: bool = False,
-                   cache_size: int | None = None) -> Qcow2Node:
-        """Open the image in ``file`` (``Qcow2Error`` if it is bad or unsupported)."""
+                   cache_size: int | None = None,
+                   snapshot: SnapshotRef | None = None) -> Qcow2Node:
+        """Open the image in ``file`` (``Qcow2Error`` if it is bad or unsupported).
+
+        With ``snapshot`` the node is the internal snapshot it names, read-only
+        (``SnapshotError`` if it cannot be loaded), as qemu-nbd's ``-l``.
+        """
         header = await read_header(file)
         if header.compression_type == COMPRESSION_ZSTD and not have_zstd():
             raise Qcow2Error("zstd-compressed qcow2 image, and the zstandard module "
@@ -95,6 +101,12 @@ class Qcow2Node(Qcow2Fast):
         read_only = read_only or not file.capabilities.can_write
         if not read_only and header.incompatible & INCOMPAT_CORRUPT:
             raise Qcow2Error("qcow2 image is marked corrupt: it can only be opened read-only")
+        if snapshot is not None:
+            from .snapshots import SnapshotError, load_snapshot
+
+            if not read_only:
+                raise SnapshotError("Device is not readonly")
+            header = await load_snapshot(file, header, snapshot)
         raw = bytearray(header.l1_size * 8)
         if raw:
             await file.pread(memoryview(raw), header.l1_table_offset)
