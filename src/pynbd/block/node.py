@@ -38,7 +38,10 @@ import dataclasses
 import enum
 import errno
 from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .bitmap import BitmapSet
 
 #: what a write takes: any bytes-like buffer, lent for the call
 Data = bytes | bytearray | memoryview
@@ -233,6 +236,8 @@ class Node(abc.ABC):
     #: a filter the system put in on its own (as qemu's implicit filter nodes):
     #: queries show the node under it in its place
     implicit: bool = False
+    #: the node's dirty bitmaps (``pynbd.block.tracking``), None until it has one
+    bitmaps: BitmapSet | None = None
 
     @property
     def children(self) -> dict[str, Node]:

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
+from pynbd.block.bitmap import DirtyBitmap
 from pynbd.block.faults import COMMANDS, FaultFilter, FaultRule
 from pynbd.block.node import Extent, ExtentFlags, Node
 from pynbd.block.raw import RawNode
+from pynbd.block.tracking import TrackingFilter, bitmaps_of
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -269,8 +271,12 @@ def build_faults_idle(make: Callable[[int], Node], size: int) -> Stack:
 
 
 def build_stack(make: Callable[[int], Node], size: int) -> Stack:
+    """The daemon's shape: idle fault rules over write tracking (an enabled dirty
+    bitmap) over a raw window."""
     window = _window(make, size)
-    return dataclasses.replace(window, top=FaultFilter(window.top, idle_rules(size), seed=1))
+    bitmaps_of(window.top).add(DirtyBitmap("contract", size, 4096))
+    tracked = TrackingFilter(window.top)
+    return dataclasses.replace(window, top=FaultFilter(tracked, idle_rules(size), seed=1))
 
 
 @dataclasses.dataclass(frozen=True)

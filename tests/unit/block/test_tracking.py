@@ -1,0 +1,81 @@
+"""The tracking filter: every change through it marks the node's enabled bitmaps (on the
+fast paths too) and runs the before-write hooks first."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pynbd.block.bitmap import DirtyBitmap
+from pynbd.block.memory import MemoryNode
+from pynbd.block.node import read
+from pynbd.block.tracking import TrackingFilter, bitmaps_of
+
+SIZE = 1 << 20
+G = 4096
+
+
+def tracked() -> tuple[MemoryNode, TrackingFilter, DirtyBitmap, DirtyBitmap]:
+    node = MemoryNode(SIZE)
+    on, off = DirtyBitmap("on", SIZE, G), DirtyBitmap("off", SIZE, G, enabled=False)
+    bitmaps_of(node).add(on)
+    bitmaps_of(node).add(off)
+    return node, TrackingFilter(node), on, off
+
+
+def test_every_change_marks_enabled_bitmaps() -> None:
+    async def body() -> None:
+        node, top, on, off = tracked()
+        await top.pwrite(b"x" * 10, 5 * G + 1)
+        await top.write_zeroes(10 * G, 2 * G)
+        await top.trim(20 * G, 1)
+        await top.pread(memoryview(bytearray(G)), 30 * G)  # reads mark nothing
+        await top.flush()
+        assert on.dirty_runs(0, SIZE) == [(5 * G, G), (10 * G, 2 * G), (20 * G, G)]
+        assert off.count() == 0
+        paths = top.fast_paths()
+        assert paths.pwrite_nowait is not None
+        assert paths.pwrite_nowait(b"y" * G, 40 * G)
+        assert on.is_dirty(40 * G)
+        assert await read(node, 40 * G, G) == b"y" * G
+        assert paths.pread_nowait == node.fast_paths().pread_nowait  # reads untouched
+
+    asyncio.run(body())
+
+
+def test_bitmaps_added_later_are_marked_through_old_fast_paths() -> None:
+    """A connection resolves its fast paths once; a bitmap added after (QMP) still sees
+    its writes."""
+    node = MemoryNode(SIZE)
+    top = TrackingFilter(node)
+    paths = top.fast_paths()
+    late = DirtyBitmap("late", SIZE, G)
+    bitmaps_of(node).add(late)
+    assert paths.pwrite_nowait is not None
+    assert paths.pwrite_nowait(b"z" * 10, 3 * G)
+    assert late.dirty_runs(0, SIZE) == [(3 * G, G)]
+
+
+def test_hooks_run_before_the_change_and_turn_fast_writes_away() -> None:
+    async def body() -> None:
+        node, top, _, _ = tracked()
+        await node.pwrite(b"old!" * G, 0)
+        seen: list[tuple[int, int, bytes]] = []
+
+        async def copy_before_write(offset: int, length: int) -> None:
+            await asyncio.sleep(0)
+            seen.append((offset, length, bytes(await read(node, offset, 4))))
+
+        top.hooks.append(copy_before_write)
+        paths = top.fast_paths()
+        assert paths.pwrite_nowait is not None
+        assert not paths.pwrite_nowait(b"new!", 0)  # a hook must run: the task path
+        assert await read(node, 0, 4) == b"old!"
+        await top.pwrite(b"new!", 0)
+        await top.write_zeroes(8, 4)
+        await top.trim(16, 4)
+        assert seen == [(0, 4, b"old!"), (8, 4, b"old!"), (16, 4, b"old!")]
+        assert await read(node, 0, 12) == b"new!old!\0\0\0\0"
+        top.hooks.clear()
+        assert paths.pwrite_nowait(b"fast", 0)
+
+    asyncio.run(body())
