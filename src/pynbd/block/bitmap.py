@@ -169,13 +169,15 @@ class DirtyBitmap:
             bit = found.start() << 3
         return end
 
-    def runs(self, offset: int, length: int) -> list[tuple[int, bool]]:
+    def runs(self, offset: int, length: int,
+             limit: int | None = None) -> list[tuple[int, bool]]:
         """``(length, dirty)`` runs covering ``[offset, offset + length)`` (clipped to
-        the node), in order, each as long as possible."""
+        the node), in order, each as long as possible; at most ``limit`` of them
+        (then they cover less)."""
         end = min(offset + length, self.size)
         runs: list[tuple[int, bool]] = []
         pos = offset
-        while pos < end:
+        while pos < end and (limit is None or len(runs) < limit):
             bit = pos >> self.shift
             dirty = self.is_dirty(pos)
             stop_bit = self._next(bit + 1, self.bits_count, dirty=not dirty)

@@ -14,12 +14,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pynbd.block.graph import one_store
-from pynbd.proto.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, MAX_STRING, TransmissionFlag
+from pynbd.proto.constants import (
+    ALLOCATION_DEPTH,
+    BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
+    MAX_STRING,
+    TransmissionFlag,
+)
 from pynbd.proto.negotiated import transmission_flags
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
+    from pynbd.block.bitmap import DirtyBitmap
     from pynbd.block.node import FastPaths, Node
 
 
@@ -37,11 +44,14 @@ class Export:
             one store).
         allocation_depth: offer qemu's ``qemu:allocation-depth`` context
             (qemu-nbd ``-A``).
+        bitmaps: dirty bitmaps to offer as ``qemu:dirty-bitmap:NAME`` contexts
+            (qemu-nbd ``-B``); each is busy while the export exists (``release``).
     """
 
     def __init__(self, name: str, node: Node, *, description: str = "",
                  read_only: bool = False, multi_conn: bool = False,
-                 allocation_depth: bool = False) -> None:
+                 allocation_depth: bool = False,
+                 bitmaps: Sequence[DirtyBitmap] = ()) -> None:
         for label, text in (("export name", name), ("description", description)):
             if len(text.encode("utf-8")) > MAX_STRING:
                 raise ValueError(f"{label} is longer than {MAX_STRING} bytes")
@@ -58,7 +68,19 @@ class Export:
         self.clients = 0
         #: the metadata contexts offered; a context's id is its index
         self.meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,) + (
-            (ALLOCATION_DEPTH,) if allocation_depth else ())
+            (ALLOCATION_DEPTH,) if allocation_depth else ()) + tuple(
+            DIRTY_BITMAP_PREFIX + bitmap.name for bitmap in bitmaps)
+        #: the bitmap behind each bitmap context, by context id
+        self.bitmaps = {len(self.meta_contexts) - len(bitmaps) + i: bitmap
+                        for i, bitmap in enumerate(bitmaps)}
+        for bitmap in bitmaps:
+            bitmap.busy += 1
+
+    def release(self) -> None:
+        """The export is gone: its bitmaps are no longer busy because of it."""
+        for bitmap in self.bitmaps.values():
+            bitmap.busy -= 1
+        self.bitmaps = {}
 
     @property
     def name(self) -> str:

@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..block.node import ExtentFlags
-from ..proto.constants import ALLOCATION_DEPTH, Cmd, CmdFlag, Errno
+from ..proto.constants import ALLOCATION_DEPTH, MAX_EXTENTS, Cmd, CmdFlag, Errno
 from ..proto.errors import nbd_errno
 from .connstate import ConnectionState
 
@@ -169,7 +169,11 @@ class Handlers(ConnectionState):
         pos, end = request.offset, request.offset + request.length
         replies: list[tuple[int, Sequence[tuple[int, int]]]] = []
         for cid in ids:
-            if selected[cid] == ALLOCATION_DEPTH:
+            bitmap = export.bitmaps.get(cid)
+            if bitmap is not None:  # qemu:dirty-bitmap:NAME (bit 0: dirty)
+                runs = [(length, int(dirty)) for length, dirty in
+                        bitmap.runs(pos, end - pos, MAX_EXTENTS)] or [(end - pos, 0)]
+            elif selected[cid] == ALLOCATION_DEPTH:
                 runs = clip_runs(await export.io.allocation_depth(pos, end - pos), end - pos)
             elif export.node.capabilities.can_extents:  # base:allocation
                 runs = [(length, int(flags)) for length, flags in
