@@ -25,6 +25,11 @@ Rules of this module:
   ``MAX_BACKING_DEPTH`` deep); ``"backing": null`` opens none.
 - ``wrap`` (the daemon: an implicit fault filter) is put over every node
   built, and the wrapper is what parents and exports use.
+- ``cache`` (qemu's ``{direct, no-flush}``) on a protocol node: ``direct``
+  opens a file with ``O_DIRECT`` (``DirectFileNode``; nothing to bypass on a
+  memory disk, and rbd images are opened without librbd's cache anyway),
+  ``no-flush`` puts an implicit ``NoFlushFilter`` over the node.  A file's
+  ``aio`` can only be ``threads``: pynbd has no Linux AIO or io_uring.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from .cachemode import NoFlushFilter
+from .directfile import DirectFileNode
 from .file import FileNode
-from .graph import BlockGraph, GraphError
+from .graph import BlockGraph, GraphError, shown
 from .memory import MemoryNode
 from .probe import probe_format
 from .raw import RawNode
@@ -115,6 +122,9 @@ class _Builder:
         else:
             raise BlockdevError(f"Unknown driver '{driver}'")
         self.opened.append(node)
+        if driver in PROTOCOL_DRIVERS and _cache(options).get("no-flush"):
+            node = NoFlushFilter(node)  # qemu's cache.no-flush: a flag of the node
+            self.opened.append(node)
         if self.taken(name):  # an inline child took the name
             raise BlockdevError(f"Duplicate nodes with node-name='{name}'")
         if self.wrap is not None:
@@ -189,7 +199,9 @@ class _Builder:
         if self.depth > MAX_BACKING_DEPTH:
             raise BlockdevError(f"Backing chain of '{file.filename}' is deeper than "
                                 f"{MAX_BACKING_DEPTH} images (a loop?)")
-        protocol = {"driver": "file", "filename": path, "read-only": True}
+        protocol: Options = {"driver": "file", "filename": path, "read-only": True}
+        if isinstance(shown(file), DirectFileNode):  # inherited, as qemu does
+            protocol["cache"] = {"direct": True}
         if fmt is None:
             probe = _file(protocol, True)
             try:
@@ -202,10 +214,21 @@ class _Builder:
         return await self.node(options, self.graph.generated_name(), True)
 
 
+def _cache(options: Options) -> dict[str, bool]:
+    cache: dict[str, bool] = options.get("cache") or {}
+    return cache
+
+
 def _file(options: Options, read_only: bool) -> Node:
     filename = options["filename"]
+    direct = bool(_cache(options).get("direct"))
+    aio = options.get("aio", "threads")
+    if aio != "threads":
+        raise BlockdevError(f"aio={aio} is not supported: pynbd does its file I/O in a "
+                            "thread pool (aio=threads)")
+    kind = DirectFileNode if direct else FileNode
     try:
-        return FileNode(filename, read_only=read_only, discard=options.get("discard") == "unmap")
+        return kind(filename, read_only=read_only, discard=options.get("discard") == "unmap")
     except OSError as err:
         raise BlockdevError(f"Could not open '{filename}': {err.strerror or err}") from None
 
@@ -217,6 +240,9 @@ def _rbd(options: Options, read_only: bool) -> Node:
     spec = options.get("x-spec") or RbdSpec(
         pool=options["pool"], image=options["image"], namespace=options.get("namespace", ""),
         snapshot=options.get("snapshot"), conf=options.get("conf"), user=options.get("user"))
+    if _cache(options).get("direct") and spec.cache_requested:
+        raise BlockdevError("cache.direct=on keeps librbd's client cache off, but the image "
+                            "sets rbd_cache=true")
     if spec.snapshot is not None and not read_only:
         raise BlockdevError(f"Snapshot '{spec.snapshot}' is read-only; add the node with "
                             "'read-only': true")

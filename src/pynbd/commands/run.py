@@ -23,6 +23,8 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from ..block.blockdev import BlockdevError, add_all, build
+from ..block.cachemode import WritethroughFilter
+from ..block.detectzeroes import DetectZeroesFilter
 from ..block.faults import FaultFilter
 from ..block.file import FileNode
 from ..block.graph import BlockGraph
@@ -58,12 +60,16 @@ _FAILURE_MESSAGE_MAX = 4000
 def _protocol_options(config: Config) -> tuple[dict[str, Any], bool]:
     """The image's protocol node as blockdev options, and whether it is read-only."""
     read_only = config.read_only
+    # --cache's part that is the storage's (qemu's cache.direct and cache.no-flush)
+    cache = {"direct": config.cache in ("none", "directsync"),
+             "no-flush": config.cache == "unsafe"}
     if config.image.startswith(MEMORY_PREFIX):
         try:
             size = parse_size(config.image[len(MEMORY_PREFIX):])
         except ValueError as err:
             raise UsageError(f"bad memory disk size: {err}") from None
-        return {"driver": "memory", "size": size, "read-only": read_only}, read_only
+        return {"driver": "memory", "size": size, "read-only": read_only,
+                "cache": cache}, read_only
     if config.image.startswith(RBD_PREFIX):
         from ..block.rbdspec import RbdSpecError, parse_rbd_filename
 
@@ -73,9 +79,9 @@ def _protocol_options(config: Config) -> tuple[dict[str, Any], bool]:
             raise UsageError(str(err)) from None
         read_only = read_only or spec.snapshot is not None  # a snapshot is served read-only
         return {"driver": "rbd", "x-spec": spec, "x-lock": config.rbd_lock,
-                "discard": config.discard, "read-only": read_only}, read_only
+                "discard": config.discard, "read-only": read_only, "cache": cache}, read_only
     return {"driver": "file", "filename": config.image, "discard": config.discard,
-            "read-only": read_only}, read_only
+            "read-only": read_only, "cache": cache}, read_only
 
 
 async def _probe(config: Config) -> str:
@@ -116,6 +122,18 @@ async def blockdev_options(config: Config) -> dict[str, Any]:
     return options
 
 
+def _top_filters(config: Config, graph: BlockGraph, node: Node) -> Node:
+    """``--detect-zeroes`` and ``--cache``'s writethrough over the node exported, where
+    qemu-nbd sets them (its top node, and the BlockBackend's write cache)."""
+    if config.detect_zeroes != "off":
+        node = DetectZeroesFilter(node, unmap=config.detect_zeroes == "unmap")
+        graph.add(node, graph.generated_name())
+    if config.cache in ("writethrough", "directsync"):
+        node = WritethroughFilter(node)
+        graph.add(node, graph.generated_name())
+    return node
+
+
 async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
     """Build the image's nodes (and ``-s``'s overlay and ``--fault``'s filter over
     them); the graph and the node to export.  ``UsageError`` (one line) if the image
@@ -142,6 +160,7 @@ async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
         except OverlayError as err:
             await graph.close()
             raise UsageError(str(err)) from None
+    node = _top_filters(config, graph, node)
     if config.faults:
         faults = FaultFilter(node, fault_rules(config.faults), seed=config.fault_seed)
         graph.add(faults, graph.generated_name())

@@ -75,6 +75,12 @@ class Config:
     #: -s: serve through a temporary qcow2 overlay, so that the image is never written
     snapshot: bool = False
     discard: str = "ignore"
+    #: --cache: none, writeback, writethrough, directsync or unsafe (qemu-nbd's modes)
+    cache: str = "writeback"
+    #: --aio: only "threads" (file I/O in the shared thread pool)
+    aio: str = "threads"
+    #: --detect-zeroes: off, on (zero writes become write-zeroes) or unmap (that may trim)
+    detect_zeroes: str = "off"
     fork: bool = False
     pid_file: str | None = None
     verbose: int = 0
@@ -237,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offer the qemu:allocation-depth metadata context")
     p.add_argument("--discard", choices=("ignore", "unmap", "off", "on"), default="ignore",
                    help="ignore (default) or unmap (pass trims to the image)")
+    p.add_argument("--cache", choices=CACHE_MODES, metavar="MODE",
+                   help="writeback (default), writethrough (each write durable before its "
+                   "reply), none (O_DIRECT: bypass the host page cache), directsync (both) "
+                   "or unsafe (flushes ignored)")
+    p.add_argument("-n", "--nocache", action="store_true", help="the same as --cache=none")
+    p.add_argument("--aio", choices=("threads", "native", "io_uring"), default="threads",
+                   help="threads (default, the only mode: file I/O runs in a thread pool)")
+    p.add_argument("--detect-zeroes", choices=("off", "on", "unmap"), default="off",
+                   help="off (default), on (writes of zeroes become write-zeroes) or unmap "
+                   "(and may punch holes; needs --discard=unmap)")
     p.add_argument("--rbd-lock", choices=("auto", "exclusive"), default="auto",
                    help="rbd: images: auto (default; writers share the image, librbd passes "
                    "its exclusive lock on demand) or exclusive (take the lock and keep it: "
@@ -355,6 +371,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     if ns.socket_path is not None and not ns.socket_path:
         raise UsageError("socket path must not be empty")
     discard = {"off": "ignore", "on": "unmap"}.get(ns.discard, ns.discard)
+    cache = _cache_mode(ns, discard)
     tls, tls_mode = _tls_settings(ns)
     for label, text in (("export name", ns.export_name), ("description", ns.description)):
         if len(text.encode("utf-8")) > MAX_STRING:
@@ -375,6 +392,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         bind="0.0.0.0" if ns.bind is None else ns.bind,
         socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
         rbd_lock=ns.rbd_lock, discard=discard, fork=ns.fork, pid_file=ns.pid_file,
+        cache=cache, aio=ns.aio, detect_zeroes=ns.detect_zeroes,
         verbose=ns.verbose,
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
         tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed,
