@@ -1,7 +1,9 @@
 """The fuzz targets by name, the roles that group them, and seed inputs for each.
 
 Seeds are made by the real cores talking to each other in memory, so a run
-starts from valid sessions and mutates them, rather than from nothing.  The
+starts from valid sessions and mutates them, rather than from nothing; the
+``qcow2-open`` target's seeds are images made by qemu-img (see
+``tests.fuzz.qcow2_targets``).  The
 two ``selftest-*`` targets are broken on purpose (a crash, a hang on the first
 FLUSH request, which the seeds hold): they prove the runner reports what it
 should.
@@ -26,6 +28,8 @@ from .client_targets import (
     client_transmission,
 )
 from .common import EXTENDED_EXPORTS, Conversation, Input, converse, drain
+from .qcow2_targets import qcow2_open
+from .qcow2_targets import seeds as qcow2_seeds
 from .server_extended_targets import (
     CMDS,
     option,
@@ -79,6 +83,7 @@ TARGETS: dict[str, Target] = {
     "server-extended-transmission": server_extended_transmission,
     "client-extended-handshake": client_extended_handshake,
     "client-extended-transmission": client_extended_transmission,
+    "qcow2-open": qcow2_open,
     "selftest-crash": selftest_crash,
     "selftest-hang": selftest_hang,
 }
@@ -87,8 +92,9 @@ ROLES: dict[str, list[str]] = {
                "server-extended-transmission"],
     "client": ["client-handshake", "client-transmission", "client-extended-handshake",
                "client-extended-transmission"],
+    "format": ["qcow2-open"],
 }
-ROLES["all"] = ROLES["server"] + ROLES["client"]
+ROLES["all"] = ROLES["server"] + ROLES["client"] + ROLES["format"]
 
 
 def _requests(conversation: Conversation) -> bytes:
@@ -111,6 +117,8 @@ def _script_read(export: int, cfg: int) -> bytes:
 
 def seeds(name: str) -> list[bytes]:
     """Valid starting inputs for target ``name``."""
+    if name == "qcow2-open":
+        return qcow2_seeds()
     if "-extended-" in name:
         return _extended_seeds(name)
     out: list[bytes] = []

@@ -77,6 +77,11 @@ async def _scan_table(file: Node, header: Header, l2_offset: int,
         mapping = decode(word, 0, extended=header.extended_l2,
                          cluster_bits=header.cluster_bits)
         if mapping.compressed:
+            if mapping.host + mapping.csize > file.size + header.cluster_size:
+                # (qemu-img makes compressed data end up to a sector past the file's
+                # end; anything further is not data at all)
+                raise Qcow2Error(f"dirty qcow2 image with an invalid compressed cluster: "
+                                 f"{_REPAIR}")
             counts.update(compressed_host_clusters(mapping, header.cluster_bits))
         elif mapping.host:
             if mapping.host % header.cluster_size or mapping.host >= file.size:
