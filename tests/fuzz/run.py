@@ -2,7 +2,7 @@
 
 ::
 
-    .venv/bin/python -m tests.fuzz.run --inputs 1000000 [--target server|client|all|NAME]
+    .venv/bin/python -m tests.fuzz.run --inputs 1000000 [--target server|client|format|all|NAME]
                                        [--corpus DIR] [--timeout S] [--max-time S]
     .venv/bin/python -m tests.fuzz.run --target NAME --replay FILE...
 
