@@ -177,10 +177,11 @@ class DirtyBitmap:
         end = min(offset + length, self.size)
         runs: list[tuple[int, bool]] = []
         pos = offset
+        end_bit = ((end - 1) >> self.shift) + 1 if end > offset else 0
         while pos < end and (limit is None or len(runs) < limit):
             bit = pos >> self.shift
             dirty = self.is_dirty(pos)
-            stop_bit = self._next(bit + 1, self.bits_count, dirty=not dirty)
+            stop_bit = self._next(bit + 1, end_bit, dirty=not dirty)
             stop = min(end, stop_bit << self.shift)
             runs.append((stop - pos, dirty))
             pos = stop

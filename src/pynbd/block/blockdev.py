@@ -30,6 +30,9 @@ Rules of this module:
   memory disk, and rbd images are opened without librbd's cache anyway),
   ``no-flush`` puts an implicit ``NoFlushFilter`` over the node.  A file's
   ``aio`` can only be ``threads``: pynbd has no Linux AIO or io_uring.
+- Fleecing (``pynbd.block.fleece``): ``copy-before-write`` needs a tracking
+  filter on its source's chain of filters (the daemon's wrapper has one) and
+  a writable ``target``; ``snapshot-access`` a copy-before-write ``file``.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ class _Builder:
             node = await self.raw(options, read_only)
         elif driver == "qcow2":
             node = await self.qcow2(options, read_only)
+        elif driver in ("copy-before-write", "snapshot-access"):
+            node = await self.fleece(options, read_only)
         else:
             raise BlockdevError(f"Unknown driver '{driver}'")
         self.opened.append(node)
@@ -189,6 +194,36 @@ class _Builder:
             raise BlockdevError(f"Failed to load snapshot: {err}") from None
         except Qcow2Error as err:
             raise BlockdevError(f"Could not open '{file.filename}': {err}") from None
+
+    async def fleece(self, options: Options, read_only: bool) -> Node:
+        """``copy-before-write`` (over the source ``file``, copying to ``target``; the
+        source's tracking filter found under it) or ``snapshot-access`` (over one)."""
+        from .fleece import CopyBeforeWrite, lookup_bitmap
+        from .snapshotaccess import SnapshotAccess
+
+        driver = options["driver"]
+        try:
+            if driver == "snapshot-access":
+                return SnapshotAccess(await self.child(options, "file", True, driver))
+            source = await self.child(options, "file", read_only, driver)
+            target = await self.child(options, "target", True, driver)
+            if not target.capabilities.can_write:
+                raise BlockdevError("The copy-before-write target must be writable")
+            spec = options.get("bitmap")
+            cbw = CopyBeforeWrite(
+                source, target, on_cbw_error=options.get("on-cbw-error", "break-guest-write"),
+                bitmap=None if spec is None else lookup_bitmap(self.graph, spec["node"],
+                                                               spec["name"]),
+                cbw_timeout=options.get("cbw-timeout", 0),
+                min_cluster_size=options.get("min-cluster-size", 0))
+            if cbw.tracking is not None:
+                # the moment frozen is now: changes already past the hook land first
+                await cbw.tracking.quiesce()
+            return cbw
+        except BlockdevError:
+            raise
+        except ValueError as err:
+            raise BlockdevError(str(err)) from None
 
     async def backing_file(self, file: Node, name: str, fmt: str | None) -> Node:
         """Open the image's backing file as qemu does: relative to the image's own

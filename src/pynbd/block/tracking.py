@@ -18,10 +18,13 @@ Rules of this module:
 - With no enabled bitmap and no hook, a write costs one attribute check more
   than without the filter; reads pass through untouched (their fast paths
   are the child's).
+- ``quiesce`` waits for the changes on the task path that were in flight when
+  it was called (a hook added just before then sees every later change).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -53,24 +56,59 @@ class TrackingFilter(FilterNode):
         self.tracked = bitmaps_of(child)
         #: coroutines given ``(offset, length)`` of each change before it is made
         self.hooks: list[Callable[[int, int], Awaitable[None]]] = []
+        #: changes in flight on the task path, counted per generation (``quiesce``)
+        self._in_flight = [0]
+        self._idle: asyncio.Event | None = None
 
-    async def _before(self, offset: int, length: int) -> None:
-        self.tracked.record(offset, length)
-        for hook in list(self.hooks):
-            await hook(offset, length)
+    async def quiesce(self) -> None:
+        """Wait for the changes that were in flight when called (those that may have
+        passed before a hook just added): qemu drains a node for the same reason.
+        The fast paths finish within their call, so only the task path counts."""
+        old, self._in_flight = self._in_flight, [0]
+        while old[0]:
+            self._idle = self._idle or asyncio.Event()
+            await self._idle.wait()
+            self._idle = None
+
+    def _done(self, generation: list[int]) -> None:
+        generation[0] -= 1
+        if self._idle is not None and generation is not self._in_flight:
+            self._idle.set()
+
+    async def _before(self, offset: int, length: int) -> list[int]:
+        generation = self._in_flight
+        generation[0] += 1
+        try:
+            self.tracked.record(offset, length)
+            for hook in list(self.hooks):
+                await hook(offset, length)
+        except BaseException:
+            self._done(generation)
+            raise
+        return generation
 
     async def pwrite(self, data: Data, offset: int, *, fua: bool = False) -> None:
-        await self._before(offset, len(data))
-        await self.child.pwrite(data, offset, fua=fua)
+        generation = await self._before(offset, len(data))
+        try:
+            await self.child.pwrite(data, offset, fua=fua)
+        finally:
+            self._done(generation)
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
                            fast: bool = False, fua: bool = False) -> None:
-        await self._before(offset, length)
-        await self.child.write_zeroes(offset, length, may_trim=may_trim, fast=fast, fua=fua)
+        generation = await self._before(offset, length)
+        try:
+            await self.child.write_zeroes(offset, length, may_trim=may_trim, fast=fast,
+                                          fua=fua)
+        finally:
+            self._done(generation)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        await self._before(offset, length)
-        await self.child.trim(offset, length, fua=fua)
+        generation = await self._before(offset, length)
+        try:
+            await self.child.trim(offset, length, fua=fua)
+        finally:
+            self._done(generation)
 
     def fast_paths(self) -> FastPaths:
         inner = self.child.resolve().fast_paths()

@@ -79,3 +79,39 @@ def test_hooks_run_before_the_change_and_turn_fast_writes_away() -> None:
         assert paths.pwrite_nowait(b"fast", 0)
 
     asyncio.run(body())
+
+
+def test_quiesce_waits_for_changes_already_in_flight() -> None:
+    """A change that passed the filter before a hook was added is waited for; later
+    ones are not part of the wait."""
+
+    class Slow(MemoryNode):
+        def __init__(self) -> None:
+            super().__init__(SIZE)
+            self.gate = asyncio.Event()
+
+        def pwrite_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> bool:
+            return False
+
+        async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *,
+                         fua: bool = False) -> None:
+            await self.gate.wait()
+            await super().pwrite(data, offset, fua=fua)
+
+    async def body() -> None:
+        node = Slow()
+        top = TrackingFilter(node)
+        early = asyncio.ensure_future(top.pwrite(b"e", 0))
+        await asyncio.sleep(0)
+        quiet = asyncio.ensure_future(top.quiesce())
+        await asyncio.sleep(0)
+        late = asyncio.ensure_future(top.pwrite(b"l", 1))
+        await asyncio.sleep(0)
+        assert not quiet.done()  # the early write is still in flight
+        node.gate.set()
+        await asyncio.wait_for(quiet, 5)
+        await asyncio.gather(early, late)
+        assert await read(node, 0, 2) == b"el"
+        await asyncio.wait_for(top.quiesce(), 5)  # nothing in flight: at once
+
+    asyncio.run(body())

@@ -1,22 +1,42 @@
 """The qcow2 format node: opening an image, and the write side (allocation, COW, zeroing).
 
 Owns ``Qcow2Node``: ``open`` validates the header and the open mode; writes
-allocate data clusters and L2 tables at the end of the file, copy what a
-partial write must keep (from the backing node, zeroes, or the old cluster
-when it is compressed or shared), and free what trims and zeroing release.
+allocate data clusters and L2 tables (free ones first, else at the end of the
+file), copy what a partial write must keep (from the backing node, zeroes, or
+the old cluster when it is compressed or shared), and free what trims and
+zeroing release.
 
 Rules of this module (crash safety and concurrency):
-- Order of writes, durable even across a power cut: refcounts of new
-  clusters are written and flushed first (clusters are reserved in batches,
-  ``_new_cluster``), then the cluster's data, then the L2 entry, then the L1
-  entry for a new L2 table; an entry is cleared or repointed, and flushed,
-  before the old cluster's refcount is decremented (decrements wait for the
-  next flush).  A crash leaves leaks at worst.
-- Metadata is written through at once (nothing is cached dirty), so
-  ``flush`` is the file's flush, plus the decrements that waited for it.
+- Order of writes, durable even across a power cut: a new cluster's refcount
+  is written when it is reserved (in batches, ``_new_cluster``), then its
+  data; L1 and L2 changes stay in memory until a flush writes them back
+  (``pynbd.block.qcow2.writeback``: data and refcounts made durable first,
+  then the tables, then the L1 entries), and a cluster's refcount is
+  decremented only after the change that stopped using it is durable.  A
+  crash leaves leaks at worst.  A FUA request flushes the node.
 - Every change to one L2 table runs under that table's lock; refcounts have
   their own lock.  Writes into clusters already allocated with refcount 1
   take no lock at all.
+- Reuse: a cluster whose refcount reaches 0 is free, and ``allocate`` hands
+  free clusters out before it grows the file.  So a decrement must also wait
+  until no request can still use the cluster: reads (``pread``) and in-place
+  writes (``pwrite`` before it takes a lock) count themselves in the current
+  epoch (``self.epoch``, a one-item list); the clusters a flush made durably
+  unused are held with that epoch, a new epoch starts, and they are
+  decremented once it (and every older one) has no request left.  A request
+  that looked a cluster up before its entry went is thus over before the
+  cluster can hold another offset's data.  Everything else that touches a
+  host cluster does so under the lock of the L2 table whose entry holds it
+  (so the entry cannot go meanwhile), or with no ``await`` between lookup and
+  I/O (the nowait fast paths).  L2 tables are never freed here (one is only
+  copied when shared, and the old one keeps its other reference), so walks
+  that read tables only (``block_status``) need no epoch.
+- Punching (file can trim, ``--discard unmap``): a freed cluster is punched
+  by ``Refcounts.release``, after the flush that made its entries' change
+  durable and before its decrement: the data is dead by then, a crash
+  leaves a leak of zeroes, and the punch is over before the cluster can be
+  reused.  A TRIM thus reaches the host file at the next flush (qemu-nbd
+  punches at once, before the L2 change is durable).
 """
 
 from __future__ import annotations
@@ -28,9 +48,8 @@ import struct
 from typing import TYPE_CHECKING
 
 from ..fileio import ZEROES, as_bytes
-from ..node import Capabilities, FastZeroUnsupported, Node
+from ..node import Capabilities, FastZeroUnsupported, Growable, Node
 from .entries import ALL_SUB, COPIED, compressed_host_clusters, encode, have_zstd
-from .fast import Qcow2Fast
 from .header import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
@@ -45,6 +64,7 @@ from .header import (
 from .reads import Kind
 from .rebuild import rebuild_refcounts
 from .refcount import Refcounts
+from .writeback import Qcow2Metadata
 
 if TYPE_CHECKING:
     from ..node import Data
@@ -59,7 +79,7 @@ DEFAULT_CACHE_SIZE = 32 << 20
 RELEASE_BATCH = 4096
 
 
-class Qcow2Node(Qcow2Fast):
+class Qcow2Node(Qcow2Metadata):
     """A qcow2 image in ``file``; build with ``await Qcow2Node.open(file)``."""
 
     driver = "qcow2"
@@ -79,10 +99,8 @@ class Qcow2Node(Qcow2Fast):
         self._prepared = False
         #: the dirty bit was set here (lazy refcounts) and is cleared on close
         self._marked_dirty = False
-        #: host offsets of clusters counted (durably) and not used yet
+        #: host offsets of clusters counted and not used yet
         self._spare: collections.deque[int] = collections.deque()
-        #: clusters whose entries are gone, to decrement after the next flush
-        self._to_release: list[int] = []
         self._closed = False
 
     @classmethod
@@ -150,11 +168,6 @@ class Qcow2Node(Qcow2Fast):
         await self.file.pwrite(struct.pack(">Q", value), OFFSET_INCOMPATIBLE)
         await self.file.flush()
 
-    async def _write_l1(self, l1_index: int, value: int) -> None:
-        self.l1[l1_index] = value
-        await self.file.pwrite(struct.pack(">Q", value),
-                               self.header.l1_table_offset + 8 * l1_index)
-
     async def _l2_for_write(self, l1_index: int) -> tuple[int, bytearray]:
         """The L2 table of ``l1_index``, allocated or copied (if shared) as needed,
         and pinned in the cache: the caller unpins it.  Under the table's lock."""
@@ -164,41 +177,58 @@ class Qcow2Node(Qcow2Fast):
         if old and (entry & COPIED or await self.refcounts.get(old >> self.cluster_bits) == 1):
             table = await _get_pinned(cache, old)
             if not entry & COPIED:
-                await self._write_l1(l1_index, old | COPIED)
+                self._write_l1(l1_index, old | COPIED)
             return old, table
         new = await self._new_cluster()
+        self.refcounts.fresh.discard(new)
         table = bytearray(await cache.get(old)) if old else bytearray(self.cluster_size)
-        await self.file.pwrite(table, new)
         cache.put(new, table)
         cache.pin(new)
-        await self._write_l1(l1_index, new | COPIED)
+        self._table_changed(new)  # written back, before the L1 entry that points at it
+        self._write_l1(l1_index, new | COPIED)
         if old:
             await self._release_clusters([old >> self.cluster_bits])
-            cache.drop(old)
+            self._forget_table(old)
         return new, table
-
-    async def _set_entry(self, table: bytearray, l2_offset: int, index: int,
-                         entry: tuple[int, int]) -> None:
-        raw = struct.pack(">QQ", *entry) if self.extended else struct.pack(">Q", entry[0])
-        start = index * self.entry_size
-        table[start:start + len(raw)] = raw
-        await self.file.pwrite(raw, l2_offset + start)
 
     async def _new_cluster(self) -> int:
         """A host cluster for new data or a new L2 table, its refcount already durable.
 
-        Clusters are reserved in batches (1 MiB, at least 16 clusters), their
-        refcounts written and flushed once, so that no entry ever reaches the
-        disk before the refcount of the cluster it points at.  Clusters still
-        spare on close are freed.
+        Clusters are reserved in batches (1 MiB, at least 16 clusters, free
+        ones first: see ``Refcounts.allocate``), their refcounts written at
+        once; a writeback flushes them before any entry that uses them is
+        written.  Releases that wait are applied first, so what they free is
+        reused.  Clusters still spare on close are freed.
         """
         if not self._spare:
+            if self._to_release or self._held:
+                await self._apply_releases()  # what is free now is reused
             count = max(16, (1 << 20) >> self.cluster_bits)
-            start = await self.refcounts.allocate(count)
-            await self.file.flush()
-            self._spare.extend(range(start, start + (count << self.cluster_bits),
-                                     self.cluster_size))
+            hosts = await self.refcounts.allocate(count)
+            for host in hosts:
+                if self._overlaps_metadata(host):
+                    raise OSError(errno.EIO, f"qcow2: the refcount of metadata cluster "
+                                  f"{host:#x} is 0 (the image is corrupt: qemu-img check "
+                                  f"-r all repairs it)")
+            self._spare.extend(hosts)
         return self._spare.popleft()
+
+    def _overlaps_metadata(self, host: int) -> bool:
+        """qemu's overlap check, for a cluster about to be handed out: is it the
+        header, the L1 table, the refcount table or one of its blocks, an active L2
+        table, the snapshot table or the bitmap directory?  (Only a corrupt refcount
+        can make it so.)"""
+        size, header, refcounts = self.cluster_size, self.header, self.refcounts
+        if host < size or host in self._l2_tables or host in refcounts.table:
+            return True
+        areas = [(header.l1_table_offset, header.l1_size * 8),
+                 (refcounts.table_offset, refcounts.file_entries * 8)]
+        if header.nb_snapshots:
+            areas.append((header.snapshots_offset, 40 * header.nb_snapshots))
+        if header.bitmaps is not None:
+            areas.append((header.bitmaps.directory_offset, header.bitmaps.directory_size))
+        return any(start < host + size and host < start + length
+                   for start, length in areas if length)
 
     async def _release(self, mapping: Mapping) -> None:
         """Drop the reference an old entry held (after the entry stopped pointing)."""
@@ -215,18 +245,16 @@ class Qcow2Node(Qcow2Fast):
         if len(self._to_release) >= RELEASE_BATCH:
             await self._apply_releases()
 
-    async def _apply_releases(self) -> None:
-        pending, self._to_release = self._to_release, []
-        if pending:
-            await self.file.flush()
-            await self.refcounts.release(pending)
-
     async def _writable_in_place(self, mapping: Mapping) -> bool:
         if mapping.compressed or not mapping.host:
             return False
         if mapping.host + self.cluster_size > self.file.size:
-            raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} lies past "
-                          f"the end of the file")
+            if mapping.host >= self.file.size or not isinstance(self.file, Growable):
+                raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} lies "
+                              f"past the end of the file")
+            # qemu-img leaves the file ending inside a last cluster whose tail is
+            # unallocated (extended L2): its file grows to hold the whole cluster
+            await self.file.grow(mapping.host + self.cluster_size)
         if mapping.copied:
             return True
         return await self.refcounts.get(mapping.host >> self.cluster_bits) == 1
@@ -237,22 +265,30 @@ class Qcow2Node(Qcow2Fast):
         view = as_bytes(data)
         if not view:
             return
-        pieces = await self.walk(offset, len(view))
-        limit = self.file.size
-        if self._prepared and all(p.kind is Kind.DATA and p.copied
-                                  and p.host + p.length <= limit for p in pieces):
-            for piece in pieces:  # every cluster allocated with refcount 1: in place
-                start = piece.offset - offset
-                await self.file.pwrite(view[start:start + piece.length], piece.host)
-        else:
+        epoch = self.epoch  # in place, no lock: counted until the writes are done
+        epoch[0] += 1
+        try:
+            pieces = await self.walk(offset, len(view))
+            limit = self.file.size
+            in_place = self._prepared and all(p.kind is Kind.DATA and p.copied
+                                              and p.host + p.length <= limit for p in pieces)
+            if in_place:
+                for piece in pieces:  # every cluster allocated with refcount 1: in place
+                    start = piece.offset - offset
+                    await self.file.pwrite(view[start:start + piece.length], piece.host)
+        finally:
+            epoch[0] -= 1
+        if not in_place:
             await self._prepare()
             pos, end = offset, offset + len(view)
             while pos < end:
                 cluster_end = min(end, ((pos >> self.cluster_bits) + 1) << self.cluster_bits)
                 await self._write_cluster(pos, view[pos - offset:cluster_end - offset])
                 pos = cluster_end
+            if self._too_dirty:
+                await self._writeback()
         if fua:
-            await self.file.flush()
+            await self.flush()
 
     async def _write_cluster(self, pos: int, chunk: memoryview) -> None:
         cluster = pos >> self.cluster_bits
@@ -283,6 +319,10 @@ class Qcow2Node(Qcow2Fast):
             alloc, zero, release = (ALL_SUB if self.extended else 1), 0, True
         if not host:
             host = await self._new_cluster()
+            if host in self.refcounts.fresh:
+                self.refcounts.fresh.discard(host)
+                if not release and self.backing is None:
+                    lo, hi = start, end  # a hole, and what it keeps reads as zeroes
         if (lo, hi) == (start, end):
             await self.file.pwrite(chunk, host + start)
         else:
@@ -293,7 +333,7 @@ class Qcow2Node(Qcow2Fast):
         entry = encode(host, True, alloc, zero, extended=self.extended)
         if (host, alloc, zero, True) != (old.host, old.alloc, old.zero, old.copied) \
                 or old.compressed:
-            await self._set_entry(table, l2_offset, index, entry)
+            self._set_entry(table, l2_offset, index, entry)
         if release:
             await self._release(old)
 
@@ -324,7 +364,7 @@ class Qcow2Node(Qcow2Fast):
             await self._discard(first, last, keep=not may_trim, zero=True)
             await self._write_zero_bytes(whole_end, offset + length)
         if fua:
-            await self.file.flush()
+            await self.flush()
 
     async def _write_zero_bytes(self, start: int, end: int) -> None:
         while start < end:
@@ -340,7 +380,7 @@ class Qcow2Node(Qcow2Fast):
             await self._prepare()
             await self._discard(first, last, keep=False, zero=False)
         if fua:
-            await self.file.flush()
+            await self.flush()
 
     async def _discard(self, first: int, last: int, *, keep: bool, zero: bool) -> None:
         """Make clusters ``[first, last)`` unallocated, or zero clusters (keeping
@@ -362,6 +402,8 @@ class Qcow2Node(Qcow2Fast):
                 finally:
                     self.l2_cache.unpin(l2_offset)
             cluster = stop
+        if self._too_dirty:
+            await self._writeback()
 
     async def _discard_one(self, table: bytearray, l2_offset: int, index: int, *,
                            keep: bool, as_zero: bool) -> None:
@@ -372,13 +414,12 @@ class Qcow2Node(Qcow2Fast):
         entry = encode(host, kept, 0, zero_mask, extended=self.extended)
         if (host, 0, zero_mask) == (old.host, old.alloc, old.zero) and not old.compressed:
             return
-        await self._set_entry(table, l2_offset, index, entry)
+        self._set_entry(table, l2_offset, index, entry)
         if not kept:
             await self._release(old)
 
     async def flush(self) -> None:
         await self._apply_releases()
-        await self.file.flush()
 
     async def close(self) -> None:
         """Free the spare clusters, apply what waits, clear the dirty bit set here."""

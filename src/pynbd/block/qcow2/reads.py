@@ -3,9 +3,12 @@
 Owns mapping guest ranges to pieces (host data, zeroes, unallocated,
 compressed) through the L1 table (in memory) and the L2 tables (a bounded LRU
 cache), and serving reads and ``block_status`` from them.  Reads take no lock:
-an entry is read from its table without an ``await`` in between, and clusters
-are never reused once freed, so a read racing a write sees the old or the new
-mapping, both valid.  The write side (``pynbd.block.qcow2.node``) extends this.
+an entry is read from its table without an ``await`` in between, and a read
+counts itself in the current epoch (``epoch``) until it is done, so the
+clusters it looked up cannot be reused (for another offset) before it ends
+(the rules of ``pynbd.block.qcow2.node``): a read racing a write or a trim
+sees the old or the new mapping, both valid.  The write side
+(``pynbd.block.qcow2.node``) extends this.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class Qcow2Reader(Node):
         self.l2_cache = TableCache(file, self.cluster_size, cache_size)
         #: the last cluster decompressed: (host offset, data)
         self._inflated: tuple[int, bytes] | None = None
+        #: requests in flight that may use host clusters they looked up, started in
+        #: the current epoch (a one-item list: the write side starts new ones)
+        self.epoch = [0]
 
     @property
     def children(self) -> dict[str, Node]:
@@ -178,7 +184,12 @@ class Qcow2Reader(Node):
     async def pread(self, buf: memoryview, offset: int) -> None:
         view = as_bytes(buf)
         if view:
-            await self.read_into(view, offset)
+            epoch = self.epoch
+            epoch[0] += 1
+            try:
+                await self.read_into(view, offset)
+            finally:
+                epoch[0] -= 1
 
     async def read_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` with the guest bytes at ``offset``."""

@@ -1,9 +1,11 @@
 """Host cluster refcounts: the refcount table, its blocks, and allocating clusters.
 
 Owns qemu's docs/interop/qcow2.rst "Host cluster management": reading and
-changing refcounts of every width (1..64 bits), allocating host clusters at
-the end of the file (freed clusters are not reused), creating refcount blocks
-(themselves counted) and growing the refcount table.
+changing refcounts of every width (1..64 bits), allocating host clusters (free
+ones first, found through the refcount blocks from a hint as qemu's
+``free_cluster_index``, then at the end of the file), freeing them (punched in
+the file when it can trim), creating refcount blocks (themselves counted) and
+growing the refcount table.
 
 Rules of this module:
 - Every change runs under one lock and is written through to the file at
@@ -15,12 +17,28 @@ Rules of this module:
 - A new refcount block and a new table are flushed before anything points
   at them.  ``allocate`` writes the counts without flushing: the caller
   flushes before it writes an entry that uses the clusters.
+- A cluster is free (``allocate`` may hand it out) when its refcount is 0 in
+  memory; ``release`` is only called once nothing can use the clusters any
+  more (the node's rules).  Refcount blocks and refcount tables are taken at
+  the end of the file, never from free clusters, so nothing ``allocate`` has
+  found but not yet counted can be taken twice while the counts are written;
+  an old refcount table is freed only after the header points at the new one
+  durably.
+- Punching: a cluster whose last reference goes is punched in the file
+  (``file.capabilities.can_trim``) before its refcount is decremented, under
+  the lock.  So the punch has finished before the cluster can be handed out
+  again (a punch landing after a new write would destroy it), and a crash
+  or failure in between leaves a leaked cluster of zeroes, never a counted
+  cluster that is needed.  Punch errors are ignored (a discard is a hint, as
+  in qemu).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
+import re
 import struct
 from typing import TYPE_CHECKING
 
@@ -34,6 +52,13 @@ if TYPE_CHECKING:
 
 #: bits 9..63 of a refcount table entry
 _TABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
+#: a byte that is not zero
+_NONZERO = re.compile(rb"[^\x00]")
+#: for entries narrower than a byte: a byte holding at least one entry of 0
+_HAS_ZERO = {bits: re.compile(b"[" + b"".join(
+    re.escape(bytes([value])) for value in range(256)
+    if any(not (value >> shift) & ((1 << bits) - 1) for shift in range(0, 8, bits))) + b"]")
+    for bits in (1, 2, 4)}
 
 
 def get_entry(block: bytearray, index: int, bits: int) -> int:
@@ -59,6 +84,51 @@ def set_entry(block: bytearray, index: int, value: int, bits: int) -> tuple[int,
     return bit // 8, 1
 
 
+def find_free(block: bytearray, index: int, stop: int, bits: int) -> int:
+    """The first entry of ``[index, stop)`` that is 0, or ``stop``."""
+    if bits >= 8:
+        width = bits // 8
+        zero = bytes(width)
+        pos, limit = index * width, stop * width
+        while True:
+            hit = block.find(zero, pos, limit)
+            if hit < 0:
+                return stop
+            if not hit % width:
+                return hit // width
+            pos = hit - hit % width + width  # across two entries: go on at the next one
+    return _scan_narrow(block, index, stop, bits, _HAS_ZERO[bits], want_zero=True)
+
+
+def find_used(block: bytearray, index: int, stop: int, bits: int) -> int:
+    """The first entry of ``[index, stop)`` that is not 0, or ``stop``."""
+    if bits >= 8:
+        width = bits // 8
+        found = _NONZERO.search(block, index * width, stop * width)
+        return stop if found is None else found.start() // width
+    return _scan_narrow(block, index, stop, bits, _NONZERO, want_zero=False)
+
+
+def _scan_narrow(block: bytearray, index: int, stop: int, bits: int,
+                 byte_with: re.Pattern[bytes], *, want_zero: bool) -> int:
+    """``find_free``/``find_used`` for entries narrower than a byte: entry by entry
+    up to a byte boundary, then whole bytes with ``byte_with`` (C speed)."""
+    per_byte = 8 // bits
+    while index < stop and index % per_byte:
+        if (get_entry(block, index, bits) == 0) == want_zero:
+            return index
+        index += 1
+    if index >= stop:
+        return stop
+    found = byte_with.search(block, index // per_byte, -(-stop // per_byte))
+    if found is None:
+        return stop
+    index = found.start() * per_byte
+    while (get_entry(block, index, bits) == 0) != want_zero:
+        index += 1  # the byte holds one: this ends within it
+    return min(index, stop)
+
+
 class Refcounts:
     """The refcounts of the image in ``file``; ``load`` before use."""
 
@@ -76,8 +146,13 @@ class Refcounts:
         self.file_entries = header.refcount_table_clusters * self.cluster_size // 8
         self.blocks = TableCache(file, self.cluster_size, budget)
         self.lock = asyncio.Lock()
-        #: the next cluster index to allocate
+        #: the first cluster index past the file's clusters (allocated at the end)
         self.end = -(-file.size // self.cluster_size)
+        #: no free cluster below this index (qemu's free_cluster_index)
+        self.hint = 0
+        #: host offsets ``allocate`` handed out from space the file just grew by (a
+        #: hole: they read as zeroes until written); the user takes them out
+        self.fresh: set[int] = set()
         self._growing = False
 
     async def load(self) -> None:
@@ -128,7 +203,8 @@ class Refcounts:
                                    self.table_offset + 8 * number)
 
     async def _take(self, count: int) -> int:
-        """Reserve ``count`` clusters at the end of the file; the first's index."""
+        """Reserve ``count`` clusters at the end of the file; the first's index.  Not
+        counted yet: only the caller, under the lock, knows of them."""
         start = self.end
         self.end += count
         new_size = self.end << self.cluster_bits
@@ -187,9 +263,8 @@ class Refcounts:
         old_offset = self.table_offset
         old_clusters = self.file_entries // per_cluster
         self.table_offset, self.file_entries = new_offset, entries
-        for cluster in range(old_offset >> self.cluster_bits,
-                             (old_offset >> self.cluster_bits) + old_clusters):
-            await self._change(cluster, -1)
+        first = old_offset >> self.cluster_bits
+        await self._release(list(range(first, first + old_clusters)))
 
     # -- the public side -----------------------------------------------------
 
@@ -198,17 +273,47 @@ class Refcounts:
         async with self.lock:
             return await self._get(cluster)
 
-    async def allocate(self, count: int = 1) -> int:
-        """Allocate ``count`` contiguous clusters (refcount 1, written to the file, not
-        flushed); the first one's offset."""
+    async def allocate(self, count: int = 1) -> list[int]:
+        """Allocate up to ``count`` clusters (refcount 1, written to the file, not
+        flushed): the free ones from the hint up if there are any (maybe fewer,
+        so that the file does not grow while clusters are free), else ``count``
+        at the end of the file; their offsets, in order."""
         async with self.lock:
-            start = await self._take(count)
-            await self._set_range(start, count)
-            return start << self.cluster_bits
+            clusters = await self._gather(count)
+            if not clusters:
+                first_new = -(-self.file.size // self.cluster_size)
+                start = await self._take(count)
+                clusters = list(range(start, start + count))
+                self.fresh.update(c << self.cluster_bits for c in clusters if c >= first_new)
+            await self._apply(clusters, 1, fresh=True)
+            return [cluster << self.cluster_bits for cluster in clusters]
 
-    async def _set_range(self, start: int, count: int) -> None:
-        """Count clusters ``[start, start + count)`` (free until now) once."""
-        await self._apply(range(start, start + count), 1, fresh=True)
+    async def _gather(self, count: int) -> list[int]:
+        """Up to ``count`` free clusters below ``end``, from the hint up; the hint
+        moves past them (and past every used cluster seen)."""
+        found: list[int] = []
+        cluster, end, per_block = self.hint, self.end, self.per_block
+        while cluster < end and len(found) < count:
+            number = cluster // per_block
+            base = number * per_block
+            stop = min(end, base + per_block)
+            offset = self.table[number] if number < len(self.table) else 0
+            if not offset:  # no block: every cluster it would count is free
+                take = min(stop - cluster, count - len(found))
+                found.extend(range(cluster, cluster + take))
+                cluster += take
+                continue
+            block = await self.blocks.get(offset)
+            while cluster < stop and len(found) < count:
+                first = base + find_free(block, cluster - base, stop - base, self.bits)
+                if first >= stop:
+                    cluster = stop
+                    break
+                limit = min(stop, first + count - len(found))
+                cluster = base + find_used(block, first - base, limit - base, self.bits)
+                found.extend(range(first, cluster))
+        self.hint = cluster
+        return found
 
     async def _apply(self, clusters: range | list[int], delta: int, *,
                      fresh: bool = False) -> None:
@@ -235,9 +340,31 @@ class Refcounts:
             await self.file.pwrite(bytes(block[lo:hi]), offset + lo)
 
     async def release(self, clusters: list[int]) -> None:
-        """Drop one reference to each of ``clusters``."""
+        """Drop one reference to each of ``clusters`` (nothing may use those whose
+        last reference this is: they are punched, then free)."""
         async with self.lock:
-            await self._apply(sorted(clusters), -1)
+            await self._release(sorted(clusters))
+
+    async def _release(self, clusters: list[int]) -> None:
+        freed: list[int] = []
+        for cluster, group in itertools.groupby(clusters):
+            if await self._get(cluster) == len(list(group)):
+                freed.append(cluster)
+        if freed and self.file.capabilities.can_trim:
+            await self._punch(freed)
+        await self._apply(clusters, -1)
+        if freed:
+            self.hint = min(self.hint, freed[0])
+
+    async def _punch(self, clusters: list[int]) -> None:
+        """Trim ``clusters`` (sorted) in the file, one call per contiguous run."""
+        bits = self.cluster_bits
+        for _, group in itertools.groupby(enumerate(clusters), lambda pair: pair[1] - pair[0]):
+            run = [cluster for _, cluster in group]
+            try:
+                await self.file.trim(run[0] << bits, len(run) << bits)
+            except OSError:
+                return  # a hint: the clusters are freed all the same
 
     async def change(self, cluster: int, delta: int) -> int:
         """Add ``delta`` to the refcount of ``cluster``; the new value."""
