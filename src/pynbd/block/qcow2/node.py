@@ -205,30 +205,17 @@ class Qcow2Node(Qcow2Metadata):
                 await self._apply_releases()  # what is free now is reused
             count = max(16, (1 << 20) >> self.cluster_bits)
             hosts = await self.refcounts.allocate(count)
-            for host in hosts:
-                if self._overlaps_metadata(host):
-                    raise OSError(errno.EIO, f"qcow2: the refcount of metadata cluster "
-                                  f"{host:#x} is 0 (the image is corrupt: qemu-img check "
-                                  f"-r all repairs it)")
+            fresh = self.refcounts.fresh  # space the file just grew by: no metadata
+            reused = [host for host in hosts if host not in fresh]
+            if reused:
+                blocks = set(self.refcounts.table)
+                for host in reused:
+                    if host in blocks or self._overlaps_metadata(host):
+                        raise OSError(errno.EIO, f"qcow2: the refcount of metadata "
+                                      f"cluster {host:#x} is 0 (the image is corrupt: "
+                                      f"qemu-img check -r all repairs it)")
             self._spare.extend(hosts)
         return self._spare.popleft()
-
-    def _overlaps_metadata(self, host: int) -> bool:
-        """qemu's overlap check, for a cluster about to be handed out: is it the
-        header, the L1 table, the refcount table or one of its blocks, an active L2
-        table, the snapshot table or the bitmap directory?  (Only a corrupt refcount
-        can make it so.)"""
-        size, header, refcounts = self.cluster_size, self.header, self.refcounts
-        if host < size or host in self._l2_tables or host in refcounts.table:
-            return True
-        areas = [(header.l1_table_offset, header.l1_size * 8),
-                 (refcounts.table_offset, refcounts.file_entries * 8)]
-        if header.nb_snapshots:
-            areas.append((header.snapshots_offset, 40 * header.nb_snapshots))
-        if header.bitmaps is not None:
-            areas.append((header.bitmaps.directory_offset, header.bitmaps.directory_size))
-        return any(start < host + size and host < start + length
-                   for start, length in areas if length)
 
     async def _release(self, mapping: Mapping) -> None:
         """Drop the reference an old entry held (after the entry stopped pointing)."""
@@ -281,24 +268,72 @@ class Qcow2Node(Qcow2Metadata):
         if not in_place:
             await self._prepare()
             pos, end = offset, offset + len(view)
+            span = self.l2_entries << self.cluster_bits
             while pos < end:
-                cluster_end = min(end, ((pos >> self.cluster_bits) + 1) << self.cluster_bits)
-                await self._write_cluster(pos, view[pos - offset:cluster_end - offset])
-                pos = cluster_end
+                table_end = min(end, (pos // span + 1) * span)
+                await self._write_in_table(pos, view[pos - offset:table_end - offset])
+                pos = table_end
             if self._too_dirty:
                 await self._writeback()
         if fua:
             await self.flush()
 
-    async def _write_cluster(self, pos: int, chunk: memoryview) -> None:
-        cluster = pos >> self.cluster_bits
-        l1_index, index = divmod(cluster, self.l2_entries)
+    async def _write_in_table(self, pos: int, chunk: memoryview) -> None:
+        """Write ``chunk`` (within one L2 table's span) at ``pos``: runs of whole new
+        clusters in one write to contiguous new clusters, the rest cluster by
+        cluster (``_write_mapped``)."""
+        bits = self.cluster_bits
+        l1_index = (pos >> bits) // self.l2_entries
         async with self._lock(l1_index):
             l2_offset, table = await self._l2_for_write(l1_index)
             try:
-                await self._write_mapped(table, l2_offset, index, pos, chunk)
+                start, end = pos, pos + len(chunk)
+                while pos < end:
+                    index = (pos >> bits) % self.l2_entries
+                    count = self._new_whole_clusters(table, index, pos, end)
+                    if count:
+                        hosts = await self._new_run(count)
+                        length = len(hosts) << bits
+                        await self.file.pwrite(chunk[pos - start:pos - start + length],
+                                               hosts[0])
+                        alloc = ALL_SUB if self.extended else 1
+                        for i, host in enumerate(hosts):
+                            self._set_entry(table, l2_offset, index + i,
+                                            encode(host, True, alloc, 0,
+                                                   extended=self.extended))
+                        pos += length
+                        continue
+                    cluster_end = min(end, ((pos >> bits) + 1) << bits)
+                    await self._write_mapped(table, l2_offset, index, pos,
+                                             chunk[pos - start:cluster_end - start])
+                    pos = cluster_end
             finally:
                 self.l2_cache.unpin(l2_offset)
+
+    def _new_whole_clusters(self, table: bytearray, index: int, pos: int, end: int) -> int:
+        """How many clusters from ``pos`` the write covers whole and that have no host
+        cluster yet (unallocated or zero): those take new clusters, no copy."""
+        size = self.cluster_size
+        if pos & (size - 1):
+            return 0
+        count = 0
+        while pos + (count + 1) * size <= end and index + count < self.l2_entries:
+            old = self.entry(table, index + count)
+            if old.host or old.compressed:
+                break
+            count += 1
+        return count
+
+    async def _new_run(self, count: int) -> list[int]:
+        """Up to ``count`` (at least one) new clusters that follow each other."""
+        hosts = [await self._new_cluster()]
+        spare, size = self._spare, self.cluster_size
+        while len(hosts) < count and spare and spare[0] == hosts[-1] + size:
+            hosts.append(spare.popleft())
+        fresh = self.refcounts.fresh
+        for host in hosts:
+            fresh.discard(host)
+        return hosts
 
     async def _write_mapped(self, table: bytearray, l2_offset: int, index: int, pos: int,
                             chunk: memoryview) -> None:

@@ -1,7 +1,8 @@
 """The qcow2 node's metadata write-back: L1 and L2 changes kept in memory, and written
 in crash-safe order when the node is flushed.
 
-Owns ``Qcow2Metadata`` (a base of ``Qcow2Node``): ``_set_entry`` and
+Owns ``Qcow2Metadata`` (a base of ``Qcow2Node``), and the overlap check
+(``_overlaps_metadata``): ``_set_entry`` and
 ``_write_l1`` change the tables in memory only and mark them dirty;
 ``_writeback`` writes them out; ``_apply_releases`` then decrements what the
 written changes stopped using.
@@ -95,6 +96,23 @@ class Qcow2Metadata(Qcow2Fast):
         if self._dirty_l2.pop(l2_offset, 0) is None:
             self.l2_cache.unpin(l2_offset)
         self.l2_cache.drop(l2_offset)
+
+    def _overlaps_metadata(self, host: int) -> bool:
+        """qemu's overlap check, for a cluster about to be handed out: is it the
+        header, the L1 table, the refcount table, an active L2 table, the snapshot
+        table or the bitmap directory?  (Only a corrupt refcount can make it so; the
+        caller checks the refcount blocks.)"""
+        size, header, refcounts = self.cluster_size, self.header, self.refcounts
+        if host < size or host in self._l2_tables:
+            return True
+        areas = [(header.l1_table_offset, header.l1_size * 8),
+                 (refcounts.table_offset, refcounts.file_entries * 8)]
+        if header.nb_snapshots:
+            areas.append((header.snapshots_offset, 40 * header.nb_snapshots))
+        if header.bitmaps is not None:
+            areas.append((header.bitmaps.directory_offset, header.bitmaps.directory_size))
+        return any(start < host + size and host < start + length
+                   for start, length in areas if length)
 
     @property
     def _too_dirty(self) -> bool:
