@@ -140,6 +140,18 @@ def _image_info(node: Node) -> dict[str, Any]:
     return image
 
 
+def _dirty_bitmaps(node: Node) -> dict[str, Any]:
+    """``dirty-bitmaps``: qemu's BlockDirtyInfo of each bitmap of the node, newest
+    first (``inconsistent`` only when true); nothing when it has none."""
+    if not node.bitmaps:
+        return {}
+    return {"dirty-bitmaps": [
+        {"name": b.name, "recording": b.enabled, "persistent": b.persistent,
+         "busy": b.busy > 0, "granularity": b.granularity, "count": b.count(),
+         **({"inconsistent": True} if b.inconsistent else {})}
+        for b in reversed(list(node.bitmaps))]}
+
+
 class BlockGraph:
     """The named nodes of one server or daemon."""
 
@@ -261,6 +273,7 @@ class BlockGraph:
             "write_threshold": 0,
             "cache": {"writeback": True, "direct": False, "no-flush": False},
             "image": image,
+            **_dirty_bitmaps(real),
         }
 
     def query(self) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from ..server import ExportTable
 from ..server.runtime import wait_at_stop
 from ..server.tls import TlsCredentials, TlsError, TlsObjectError, credentials_from_objects
 from . import schema as s
-from .commands import Command, basic, block, faults, nbd, objects
+from .commands import Command, basic, bitmaps, block, faults, nbd, objects
 from .commands.block import BLOCKDEV_ADD
 from .commands.nbd import BLOCK_EXPORT_ADD
 from .commands.objects import OBJECT_ADD
@@ -46,7 +46,8 @@ EventSink = Callable[[str, dict[str, JSON]], None]
 
 #: every command the daemon serves, by area
 COMMAND_SETS: tuple[tuple[Command, ...], ...] = (
-    basic.COMMANDS, block.COMMANDS, nbd.COMMANDS, objects.COMMANDS, faults.COMMANDS)
+    basic.COMMANDS, block.COMMANDS, nbd.COMMANDS, objects.COMMANDS, faults.COMMANDS,
+    bitmaps.COMMANDS)
 
 
 def _command_table(command_sets: Iterable[Iterable[Command]]) -> dict[str, Command]:
@@ -129,8 +130,10 @@ class Engine:
         return node
 
     def users(self, node: Node) -> list[str]:
-        """What uses ``node`` (exports, nodes over it), as error-message phrases."""
-        users = [f"block export '{e.id}'" for e in self.exports.values() if e.node is node]
+        """What uses ``node`` (exports of it or of its bitmaps, nodes over it), as
+        error-message phrases."""
+        users = [f"block export '{e.id}'" for e in self.exports.values()
+                 if e.node is node or any(n is node for n in e.bitmap_nodes)]
         users += [f"node '{n.node_name}'" for n in self.graph.parents(node)]
         return users
 
@@ -155,8 +158,10 @@ class Engine:
             self.forget_export(entry)
 
     def forget_export(self, entry: ExportEntry) -> None:
-        """Drop an export for good and announce it (``BLOCK_EXPORT_DELETED``)."""
+        """Drop an export for good (its bitmaps no longer busy because of it) and
+        announce it (``BLOCK_EXPORT_DELETED``)."""
         self.exports.pop(entry.id, None)
+        entry.export.release()
         if self.table.lookup(entry.export.name) is entry.export:
             self.table.remove(entry.export.name)
         self.emit("BLOCK_EXPORT_DELETED", {"id": entry.id})

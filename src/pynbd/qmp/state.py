@@ -26,6 +26,8 @@ class ExportEntry:
     node: Node
     export: Export
     shutting_down: bool = False
+    #: other nodes whose dirty bitmaps the export offers (``bitmaps: [{node, name}]``)
+    bitmap_nodes: tuple[Node, ...] = ()
 
 
 @dataclasses.dataclass

@@ -6,9 +6,13 @@ Rules of this module:
   which checks node names as qemu does.  This module adds QMP's part: the
   argument schema (inline children are checked against it as ``file``) and
   the error class.
-- Every node the daemon makes gets an implicit fault filter over it
-  (``FaultFilter``, shown as the node under it), so that ``x-fault-add`` can
-  fail or delay requests of a node that exports already use.
+- Every node the daemon makes is used (by its parents and exports) through two
+  implicit filters, shown as the node under them: a ``TrackingFilter`` right
+  over it, so that its dirty bitmaps (``commands.bitmaps``; they belong to the
+  node) see every write whichever parent or export sent it, and a
+  ``FaultFilter`` over that, so that ``x-fault-add`` can fail or delay requests
+  of a node that exports already use (a failed injected write never reaches
+  the node, nor its bitmaps).
 - A failed ``blockdev-add`` leaves nothing behind, not even inline children.
 """
 
@@ -18,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from ...block.blockdev import add_all, build
 from ...block.faults import FaultFilter
-from ...block.graph import GraphError
+from ...block.graph import GraphError, shown
+from ...block.tracking import TrackingFilter, bitmaps_of
 from .. import schema as s
 from ..protocol import generic_error
 from . import JSON, NODE_NAME, Command
@@ -60,8 +65,11 @@ BLOCKDEV_ADD = s.Union_("driver", {
 })
 
 
-def _implicit_faults(node: Node) -> Node:
-    wrapper = FaultFilter(node)
+def _implicit_filters(node: Node) -> Node:
+    """``node`` as its users see it: FaultFilter(TrackingFilter(node)).  The bitmaps
+    belong to the node under any implicit filter of its own (cache.no-flush)."""
+    node.bitmaps = bitmaps_of(shown(node))
+    wrapper = FaultFilter(TrackingFilter(node))
     wrapper.implicit = True
     return wrapper
 
@@ -74,7 +82,7 @@ async def _blockdev_add(engine: Engine, args: dict[str, JSON]) -> JSON:
     async with engine.graph_lock:
         try:
             made = await build(engine.graph, args, opened, check_child=check_child,
-                               wrap=_implicit_faults)
+                               wrap=_implicit_filters)
         except BaseException as err:
             for node in reversed(opened):  # a failed command leaves nothing behind
                 await node.close()

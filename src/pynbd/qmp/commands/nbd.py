@@ -11,6 +11,10 @@ Rules of this module:
   (``id_wellformed``), then not in use.
 - ``block-export-del`` hides the export from new clients at once; the
   deletion event follows in the background, once its clients are gone.
+- An export's dirty bitmaps (``bitmaps``: names, found on the node or down its
+  backing chain, or ``{node, name}``) are found and checked as qemu's
+  ``nbd_export_create`` does (``commands.bitmaps.export_bitmaps``) and stay busy
+  until the export is forgotten (``Engine.forget_export``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .. import schema as s
 from ..protocol import generic_error
 from ..state import ExportEntry, NbdServer
 from . import JSON, NO_ARGS, Command, id_wellformed
+from .bitmaps import check_refs, export_bitmaps
 
 if TYPE_CHECKING:
     import socket
@@ -45,8 +50,10 @@ NBD_SERVER_START = s.Struct(
     frozenset({"max-connections", "tls-creds", "tls-authz", "handshake-max-seconds"}))
 BLOCK_EXPORT_ADD = s.Struct(
     {"type": s.Enum(("nbd",)), "id": str, "node-name": str, "name": str,
-     "description": str, "writable": bool, "writethrough": bool, "allocation-depth": bool},
-    frozenset({"name", "description", "writable", "writethrough", "allocation-depth"}))
+     "description": str, "writable": bool, "writethrough": bool, "allocation-depth": bool,
+     "bitmaps": s.ListOf(object)},
+    frozenset({"name", "description", "writable", "writethrough", "allocation-depth",
+               "bitmaps"}))
 BLOCK_EXPORT_DEL = s.Struct({"id": str, "mode": s.Enum(("safe", "hard"))},
                             frozenset({"mode"}))
 
@@ -93,6 +100,7 @@ async def _nbd_server_stop(engine: Engine, args: dict[str, JSON]) -> JSON:
 
 
 async def _block_export_add(engine: Engine, args: dict[str, JSON]) -> JSON:
+    refs = check_refs(args.get("bitmaps", []), "bitmaps")
     if engine.nbd is None:
         raise generic_error("NBD server not running")
     export_id = args["id"]
@@ -107,15 +115,18 @@ async def _block_export_add(engine: Engine, args: dict[str, JSON]) -> JSON:
     writable = bool(args.get("writable", False))
     if writable and not node.capabilities.can_write:
         raise generic_error("Cannot export read-only node as writable")
+    bitmaps, bitmap_nodes = export_bitmaps(engine, node, refs, read_only=not writable)
     try:
         export = Export(name, node, description=args.get("description", ""),
                         read_only=not writable,
                         multi_conn=engine.nbd.server.multi_conn,
-                        allocation_depth=bool(args.get("allocation-depth", False)))
+                        allocation_depth=bool(args.get("allocation-depth", False)),
+                        bitmaps=bitmaps)
     except ValueError as err:
         raise generic_error(str(err)) from None
     engine.table.add(export)
-    engine.exports[export_id] = ExportEntry(export_id, node, export)
+    engine.exports[export_id] = ExportEntry(export_id, node, export,
+                                            bitmap_nodes=tuple(bitmap_nodes))
     return {}
 
 
