@@ -231,6 +231,8 @@ class BitmapSet:
         self._bitmaps: dict[str, DirtyBitmap] = {}
         #: the enabled bitmaps (what ``record`` marks): kept apart for the write path
         self._recording: tuple[DirtyBitmap, ...] = ()
+        #: whether any bitmap is enabled (one attribute read on the write path)
+        self.recording = False
 
     def __iter__(self) -> Iterator[DirtyBitmap]:
         return iter(list(self._bitmaps.values()))
@@ -258,10 +260,12 @@ class BitmapSet:
     def changed(self) -> None:
         """Call after enabling or disabling a bitmap."""
         self._recording = tuple(b for b in self._bitmaps.values() if b.enabled)
+        self.recording = bool(self._recording)
 
-    @property
-    def recording(self) -> bool:
-        return bool(self._recording)
+    def resize(self, size: int) -> None:
+        """The node's size changed: every bitmap follows (new granules clean)."""
+        for bitmap in self._bitmaps.values():
+            bitmap.resize(size)
 
     def record(self, offset: int, length: int) -> None:
         """A write, zeroing or trim of the range reached the node."""

@@ -23,8 +23,8 @@ Rules of this module:
   header names, as qemu does: relative to the image's directory, in the
   format the header gives (probed if none), read-only, recursively (at most
   ``MAX_BACKING_DEPTH`` deep); ``"backing": null`` opens none.
-- ``wrap`` (the daemon: an implicit fault filter) is put over every node
-  built, and the wrapper is what parents and exports use.
+- ``wrap`` (the daemon: implicit fault and tracking filters) is put over every
+  node built, and the wrapper is what parents and exports use.
 - ``cache`` (qemu's ``{direct, no-flush}``) on a protocol node: ``direct``
   opens a file with ``O_DIRECT`` (``DirectFileNode``; nothing to bypass on a
   memory disk, and rbd images are opened without librbd's cache anyway),

@@ -110,6 +110,10 @@ class TrackingFilter(FilterNode):
         finally:
             self._done(generation)
 
+    async def grow(self, size: int) -> None:
+        await super().grow(size)
+        self.tracked.resize(self.size)  # as qemu resizes a node's bitmaps
+
     def fast_paths(self) -> FastPaths:
         inner = self.child.resolve().fast_paths()
         pwrite_nowait, start_write = inner.pwrite_nowait, inner.start_write
@@ -119,14 +123,16 @@ class TrackingFilter(FilterNode):
             assert pwrite_nowait is not None
             if hooks:
                 return False
-            tracked.record(offset, len(data))
+            if tracked.recording:
+                tracked.record(offset, len(data))
             return pwrite_nowait(data, offset)
 
         def tracked_start_write(data: Data, offset: int, fua: bool, done: WriteDone) -> bool:
             assert start_write is not None
             if hooks:
                 return False
-            tracked.record(offset, len(data))
+            if tracked.recording:
+                tracked.record(offset, len(data))
             return start_write(data, offset, fua, done)
 
         return dataclasses.replace(

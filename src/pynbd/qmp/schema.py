@@ -199,4 +199,23 @@ def parse_keyval(text: str) -> dict[str, Any]:
         if parts[-1] in target:
             raise generic_error(f"Parameter '{key}' appears more than once")
         target[parts[-1]] = value
+    for key, value in result.items():
+        if isinstance(value, dict):
+            result[key] = _listify(value, f"{key}.")
     return result
+
+
+def _listify(tree: dict[str, Any], prefix: str) -> Any:
+    """qemu's ``keyval_listify``: a level whose keys are all decimal numbers is a
+    list (``bitmaps.0=a,bitmaps.1=b``), and must hold every index from 0."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            tree[key] = _listify(value, f"{prefix}{key}.")
+    if not tree or not all(key.isdecimal() for key in tree):
+        return tree
+    items = []
+    for index in range(len(tree)):
+        if str(index) not in tree:
+            raise generic_error(f"Parameter '{prefix}{index}' missing")
+        items.append(tree[str(index)])
+    return items

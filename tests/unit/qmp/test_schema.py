@@ -255,6 +255,9 @@ def test_coerce_leaves_unknown_and_already_typed_values_alone() -> None:
     ("file.driver=file,file.cache.direct=on,driver=raw",
      {"file": {"driver": "file", "cache": {"direct": "on"}}, "driver": "raw"}),
     ("", {}),
+    ("type=nbd,bitmaps.0=a,bitmaps.1=b", {"type": "nbd", "bitmaps": ["a", "b"]}),
+    ("bitmaps.1.node=n,bitmaps.1.name=y,bitmaps.0=x",
+     {"bitmaps": ["x", {"node": "n", "name": "y"}]}),
 ])
 def test_parse_keyval(text: str, value: dict[str, Any]) -> None:
     assert s.parse_keyval(text) == value
@@ -267,6 +270,7 @@ def test_parse_keyval(text: str, value: dict[str, Any]) -> None:
     ("a=1,a=2", "Parameter 'a' appears more than once"),
     ("addr.path=/x,addr.path=/y", "Parameter 'addr.path' appears more than once"),
     ("a=1,a.b=2", "Parameter 'a.b' conflicts with 'a'"),
+    ("bitmaps.0=a,bitmaps.2=c", "Parameter 'bitmaps.1' missing"),
 ])
 def test_parse_keyval_errors(text: str, desc: str) -> None:
     with pytest.raises(QMPError) as info:
