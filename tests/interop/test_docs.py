@@ -41,6 +41,12 @@ WALKTHROUGHS: dict[str, tuple[str, str, str]] = {
     "daemon: started bare": ("docs/daemon.md", "against a daemon started bare", "sh"),
     "daemon: qemu.qmp session": ("docs/daemon.md", "against a daemon started bare", "python"),
     "scaling out": ("docs/ceph.md", "A worked example on one machine", "sh"),
+    "backup: the disk": ("docs/backup.md", "A 64 MiB qcow2 disk with 16 MiB of data", "sh"),
+    "backup: qmp helper": ("docs/backup.md", "a small function that sends one command",
+                           "sh"),
+    "backup: full": ("docs/backup.md", "the backup is copied: the backup does not see it",
+                     "sh"),
+    "backup: incremental": ("docs/backup.md", "compared with the backup at the end", "sh"),
 }
 
 
@@ -234,6 +240,44 @@ def test_daemon_examples(tmp_path: Path) -> None:
     assert exports[0].count("'type': 'nbd'") == 2, exports
     assert exports[1:] == ["BLOCK_EXPORT_DELETED {'id': 'r'}"], exports
     assert (status, stderr) == (0, ""), stderr
+
+
+def test_backup_walkthrough(tmp_path: Path) -> None:
+    """docs/backup.md: a daemon serves a qcow2 disk; a full backup of a frozen view while
+    a client writes, then an incremental one of the dirty extents only, which qemu-img
+    finds identical to a copy of the disk taken at its backup point; ``quit`` ends it."""
+    for tool in ("qemu-img", "qemu-io", "nbdcopy", "nbdinfo", "nbdsh"):
+        require_tool(tool)
+    moves = {f"/tmp/{name}": str(tmp_path / name) for name in (
+        "disk.qcow2", "qmp.sock", "nbd.sock", "scratch.qcow2", "full.img", "check.img",
+        "incremental.img")}
+    *prepare, serve = moved(walkthrough("backup: the disk"), moves).replace(
+        "\\\n", " ").strip().split("\n")
+    assert serve.startswith("pynbd daemon "), serve
+    shell("\n".join(prepare))
+    daemon = serve_line(serve, ready=tmp_path / "nbd.sock")
+    helper = moved(walkthrough("backup: qmp helper"), moves)
+    quit_sent = False
+    try:
+        deadline = time.monotonic() + 30.0
+        while not (tmp_path / "qmp.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        full = shell(helper + moved(walkthrough("backup: full"), moves))
+        incremental = shell(helper + moved(walkthrough("backup: incremental"), moves))
+        quit_sent = True
+    finally:
+        status, stderr = ended(daemon, None if quit_sent else signal.SIGINT)
+    assert (status, stderr) == (0, ""), stderr
+    assert '"device": "backup", "len": 67108864, "offset": 1048576' in full, full
+    image = (tmp_path / "full.img").read_bytes()
+    assert image[:16 << 20] == b"\x11" * (16 << 20)
+    assert image[16 << 20:].count(0) == 48 << 20
+    dirty = [line.split()[:2] for line in incremental.splitlines() if "dirty" in line]
+    assert dirty == [["0", "1048576"], ["8388608", "65536"], ["41943040", "65536"]], incremental
+    assert "Images are identical." in incremental, incremental
+    image = (tmp_path / "incremental.img").read_bytes()
+    assert image[:1 << 20] == b"\x33" * (1 << 20)
+    assert image[8 << 20:(8 << 20) + (64 << 10)] == b"\x22" * (64 << 10)
 
 
 def kill_gateway(pid_file: Path) -> None:

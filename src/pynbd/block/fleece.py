@@ -48,9 +48,11 @@ Rules of this module:
   made).  A write already past the tracking filter then is not waited for:
   whoever makes the node must make sure no write to the source is in flight
   (qemu drains the source while it inserts the filter).
-- ``close`` takes the hook off (writes stop copying; their fast paths come
-  back), stops copies left running in the background by a timeout, waits for
-  the copies in flight and drops the source and the target.
+- ``release`` takes the hook off at once, with no await (writes stop copying;
+  their fast paths come back): from then on the snapshot fails (ENODEV), and
+  so does a snapshot read under way, since writes no longer wait for it.
+  ``close`` releases, stops copies left running in the background by a
+  timeout, waits for the copies in flight and drops the source and the target.
 """
 
 from __future__ import annotations
@@ -371,12 +373,15 @@ class CopyBeforeWrite(Node):
 
         Raises:
             OSError: EACCES if the snapshot is broken or holds nothing there (outside
-                the copy bitmap, or discarded); ENODEV once the node is closed.
+                the copy bitmap, or discarded); ENODEV once the node is released or
+                closed.
         """
         nodes = self._nodes()
         if self.snapshot_error is not None:
             raise OSError(errno.EACCES, "the snapshot is broken: a copy before write "
                                         f"failed ({self.snapshot_error})")
+        if self.tracking is None:
+            raise OSError(errno.ENODEV, "the snapshot was released: writes no longer copy")
         end = min(end, self.size)
         if self.access is not None and end > offset:
             length, readable = self.access.run_at(offset, end)
@@ -415,6 +420,11 @@ class CopyBeforeWrite(Node):
         await target.trim(start, stop - start)
 
     # -- closing ---------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Take the hook off now (no await): writes copy nothing more, and the snapshot
+        fails from now on.  ``close`` still waits for the copies in flight."""
+        self._unhook()
 
     async def close(self) -> None:
         self._unhook()

@@ -1,10 +1,10 @@
 """The ``snapshot-access`` node: the frozen view a copy-before-write node keeps, read-only
 (qemu 7.0+; what a fleecing backup exports over NBD).
 
-Owns ``SnapshotAccess``.  Its ``file`` child is a copy-before-write node
-(``pynbd.block.fleece``, whose docstring states the frozen-view rule this node
-follows), as the graph names it: the daemon's implicit filters over it are
-looked through.
+Owns ``SnapshotAccess`` and ``FrozenBacking``.  The file child of a
+snapshot-access node is a copy-before-write node (``pynbd.block.fleece``,
+whose docstring states the frozen-view rule this node follows), as the graph
+names it: the daemon's implicit filters over it are looked through.
 
 Rules of this module:
 - The node is as large as the source and reads what the source held when the
@@ -23,6 +23,14 @@ Rules of this module:
   no writes.  ``trim`` is qemu's discard on snapshot-access, for a backup that
   is done with a range: the granules wholly inside it are no longer copied or
   readable, and are discarded in the target.  ``flush`` has nothing to do.
+- ``FrozenBacking`` is the same view seen from below: the backing node of a
+  classic fleecing target (qemu's ``blockdev-backup`` sync=none, a qcow2 image
+  whose backing node is the source, exported read-only).  The target reads
+  what it holds (the copies) itself and the rest through its backing node,
+  which must then read the frozen view, not the live source: a read there
+  takes each run from the target where copied and from the source as a frozen
+  read elsewhere, as above.  Its reads wait until the view is sealed (the
+  writes in flight when the copying began have landed).
 """
 
 from __future__ import annotations
@@ -30,11 +38,14 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .filter import FilterNode
 from .fleece import CopyBeforeWrite
 from .graph import shown
 from .node import Capabilities, Extent, Node
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .node import Data
 
 #: ``block_status`` answers at most this many extents per call
@@ -122,6 +133,50 @@ class SnapshotAccess(Node):
 
     async def flush(self) -> None:
         """Nothing to make durable: the node writes nothing."""
+
+
+class FrozenBacking(FilterNode):
+    """The backing node of a fleecing target while ``cbw`` copies into that target:
+    reads the frozen view of ``cbw``, never the live source ``child`` (which the
+    graph still shows as the backing node, and which queries look through to).
+
+    Args:
+        child: the target's backing node as it was: the source.
+        cbw: the copy-before-write node whose target is the image over this node.
+        sealed: set once the writes in flight when ``cbw`` began copying have landed;
+            reads wait for it.
+    """
+
+    driver = "x-frozen-backing"
+
+    def __init__(self, child: Node, cbw: CopyBeforeWrite, sealed: asyncio.Event) -> None:
+        super().__init__(child)
+        self.implicit = True
+        self.view = SnapshotAccess(cbw)
+        self.sealed = sealed
+
+    def __repr__(self) -> str:
+        return f"FrozenBacking({self.child!r})"
+
+    async def pread(self, buf: memoryview, offset: int) -> None:
+        if not self.sealed.is_set():
+            await self.sealed.wait()
+        await self.view.pread(buf, offset)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        if not self.sealed.is_set():
+            await self.sealed.wait()
+        return await self.view.block_status(offset, length)
+
+    async def pwrite(self, data: Data, offset: int, *, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "a frozen backing node is read-only")
+
+    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool = False,
+                           fast: bool = False, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "a frozen backing node is read-only")
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "a frozen backing node is read-only")
 
 
 def _append(into: list[Extent], got: list[Extent], limit: int) -> int:

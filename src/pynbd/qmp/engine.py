@@ -27,7 +27,7 @@ from ..server import ExportTable
 from ..server.runtime import wait_at_stop
 from ..server.tls import TlsCredentials, TlsError, TlsObjectError, credentials_from_objects
 from . import schema as s
-from .commands import Command, basic, bitmaps, block, faults, nbd, objects
+from .commands import Command, backup, basic, bitmaps, block, faults, nbd, objects
 from .commands.block import BLOCKDEV_ADD
 from .commands.nbd import BLOCK_EXPORT_ADD
 from .commands.objects import OBJECT_ADD
@@ -47,7 +47,7 @@ EventSink = Callable[[str, dict[str, JSON]], None]
 #: every command the daemon serves, by area
 COMMAND_SETS: tuple[tuple[Command, ...], ...] = (
     basic.COMMANDS, block.COMMANDS, nbd.COMMANDS, objects.COMMANDS, faults.COMMANDS,
-    bitmaps.COMMANDS)
+    bitmaps.COMMANDS, backup.COMMANDS)
 
 
 def _command_table(command_sets: Iterable[Iterable[Command]]) -> dict[str, Command]:

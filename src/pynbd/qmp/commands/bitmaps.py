@@ -39,6 +39,7 @@ from ...block.tracking import bitmaps_of
 from .. import schema as s
 from ..protocol import generic_error
 from . import JSON, Command
+from .backup import BLOCKDEV_BACKUP, backup_action
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -216,6 +217,8 @@ class _Run:
     #: bitmaps to take off their node once every action succeeded
     removing: list[tuple[Node, BitmapSet, DirtyBitmap]] = dataclasses.field(
         default_factory=list)
+    #: steps to take once every action succeeded (``commands.backup``: a job starts)
+    starts: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     def undo(self) -> None:
         for step in reversed(self.undo_steps):
@@ -226,6 +229,8 @@ class _Run:
         for _, bitmaps, bitmap in self.removing:
             bitmap.busy -= 1
             bitmaps.remove(bitmap.name)
+        for start in self.starts:
+            start()
 
     def restorer(self, bitmap: DirtyBitmap) -> None:
         if self.keep:
@@ -346,6 +351,7 @@ ACTIONS: dict[str, _Action] = {
     "block-dirty-bitmap-enable": _Action(BLOCK_DIRTY_BITMAP, _enable),
     "block-dirty-bitmap-disable": _Action(BLOCK_DIRTY_BITMAP, _disable),
     "block-dirty-bitmap-merge": _Action(BLOCK_DIRTY_BITMAP_MERGE, _merge),
+    "blockdev-backup": _Action(BLOCKDEV_BACKUP, backup_action),
 }
 
 

@@ -49,6 +49,14 @@ _RBD = s.Struct({"pool": str, "namespace": str, "image": str, "conf": str, "snap
 # options, or null for no backing node at all
 _QCOW2 = s.Struct({"file": object, "backing": object, "cache-size": int},
                   frozenset({"backing", "cache-size"}))
+# qemu's BlockdevOptionsCbw (qemu 7.1+ members) and BlockdevOptionsGenericFormat for
+# snapshot-access: the fleecing nodes (pynbd.block.fleece, pynbd.block.snapshotaccess)
+_CBW = s.Struct({"file": object, "target": object,
+                 "bitmap": s.Struct({"node": str, "name": str}),
+                 "on-cbw-error": s.Enum(("break-guest-write", "break-snapshot")),
+                 "cbw-timeout": int, "min-cluster-size": int},
+                frozenset({"bitmap", "on-cbw-error", "cbw-timeout", "min-cluster-size"}))
+_SNAPSHOT_ACCESS = s.Struct({"file": object})
 _COMMON = {"node-name": str, "read-only": bool}
 
 
@@ -62,6 +70,8 @@ BLOCKDEV_ADD = s.Union_("driver", {
     "memory": _node_variant(_MEMORY),
     "rbd": _node_variant(_RBD),
     "qcow2": _node_variant(_QCOW2),
+    "copy-before-write": _node_variant(_CBW),
+    "snapshot-access": _node_variant(_SNAPSHOT_ACCESS),
 })
 
 
