@@ -71,6 +71,9 @@ class DirtyBitmap:
         self.persistent = persistent
         #: the image said the bitmap may have missed writes (qemu: inconsistent)
         self.inconsistent = False
+        #: loaded from an image opened read-only: it cannot be stored, so no change
+        #: is allowed (qemu's readonly bitmaps)
+        self.readonly = False
         #: exports or jobs using it: no change or removal meanwhile
         self.busy = 0
         self.bits_count = (size + granularity - 1) >> self.shift

@@ -30,6 +30,7 @@ from ..block.file import FileNode
 from ..block.graph import BlockGraph
 from ..block.probe import probe_format
 from ..block.sizes import parse_size
+from ..block.tracking import TrackingFilter
 from ..cmdline import UsageError
 from ..proto.handshake import TlsMode
 from ..server import Export, ExportTable, Server
@@ -48,6 +49,7 @@ from .serve import MEMORY_PREFIX, RBD_PREFIX, Config, fault_rules, parse_args
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ..block.bitmap import DirtyBitmap
     from ..block.node import Node
 
 #: the parent reads the child's answer (b"ok" or b"error:" MESSAGE) in one read of
@@ -134,10 +136,48 @@ def _top_filters(config: Config, graph: BlockGraph, node: Node) -> Node:
     return node
 
 
+def _tracked(config: Config, graph: BlockGraph, node: Node) -> Node:
+    """A tracking filter right over the image's format node when the export writes to
+    it and the node has dirty bitmaps (persistent ones loaded, or -B's): as in
+    qemu-nbd, every write is recorded in the node's enabled bitmaps."""
+    if config.read_only or config.snapshot or not node.bitmaps:
+        return node
+    tracking = TrackingFilter(node)
+    graph.add(tracking, graph.generated_name())
+    return tracking
+
+
+def export_bitmaps(config: Config, image: Node) -> list[DirtyBitmap]:
+    """-B's bitmaps, found as qemu-nbd finds them (``nbd_export_create``): on the
+    image's format node, else down its backing chain; ``UsageError`` in its words."""
+    found: list[DirtyBitmap] = []
+    for name in config.bitmaps:
+        node: Node | None = image
+        while node is not None:
+            bitmap = node.bitmaps.get(name) if node.bitmaps is not None else None
+            if bitmap is not None:
+                break
+            node = node.children.get("backing")
+        if node is None or bitmap is None:
+            raise UsageError(f"Bitmap '{name}' is not found")
+        if config.read_only and node.capabilities.can_write and bitmap.enabled:
+            raise UsageError(f"Enabled bitmap '{name}' incompatible with readonly export")
+        if bitmap.inconsistent:
+            raise UsageError(f"Bitmap '{name}' is inconsistent and cannot be used")
+        found.append(bitmap)
+    return found
+
+
 async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
-    """Build the image's nodes (and ``-s``'s overlay and ``--fault``'s filter over
-    them); the graph and the node to export.  ``UsageError`` (one line) if the image
-    cannot be opened."""
+    """``open_export`` without the bitmaps: the graph and the node to export."""
+    graph, node, _ = await open_export(config)
+    return graph, node
+
+
+async def open_export(config: Config) -> tuple[BlockGraph, Node, list[DirtyBitmap]]:
+    """Build the image's nodes (a tracking filter, ``-s``'s overlay and the filters of
+    --detect-zeroes, --cache and --fault over them); the graph, the node to export
+    and -B's bitmaps.  ``UsageError`` (one line) if the image cannot be opened."""
     graph = BlockGraph()
     opened: list[Node] = []
     options = await blockdev_options(config)
@@ -149,6 +189,12 @@ async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
         if config.image.startswith(MEMORY_PREFIX):
             raise UsageError(f"bad memory disk size: {err}") from None
         raise UsageError(str(err)) from None
+    try:
+        bitmaps = export_bitmaps(config, node)
+    except UsageError:
+        await graph.close()
+        raise
+    node = _tracked(config, graph, node)
     if options.get("x-probed") and not config.snapshot:  # one line, once it opens
         print(f"pynbd: no format given for '{config.image}': probed raw; writes to its "
               "first sector are restricted (give -f raw to lift this)", file=sys.stderr)
@@ -167,7 +213,7 @@ async def open_graph(config: Config) -> tuple[BlockGraph, Node]:
         node = faults
         logging.getLogger("pynbd").info("fault injection: %d rule(s), seed %d",
                                         len(config.faults), faults.seed)
-    return graph, node
+    return graph, node, bitmaps
 
 
 def bind_socket(config: Config) -> socket.socket:
@@ -244,23 +290,23 @@ def export_uri(config: Config, sock: socket.socket) -> str:
 
 
 async def _main(config: Config, sockets: list[socket.socket],
-                opened: tuple[BlockGraph, Node] | None = None) -> None:
+                opened: tuple[BlockGraph, Node, list[DirtyBitmap]] | None = None) -> None:
     """Open the storage in the serving loop (unless ``opened``), say so, serve, then
     close it.  With ``--inetd`` ``sockets`` is the one client's connection."""
-    graph, node = opened or await open_graph(config)
+    graph, node, bitmaps = opened or await open_export(config)
     if config.pid_file:
         write_pid_file(config.pid_file)
     _signal_ready()
     notify_ready()  # systemd's Type=notify: clients can connect now
-    await _serve(config, graph, node, sockets)
+    await _serve(config, graph, node, bitmaps, sockets)
 
 
-async def _serve(config: Config, graph: BlockGraph, node: Node,
+async def _serve(config: Config, graph: BlockGraph, node: Node, bitmaps: list[DirtyBitmap],
                  sockets: list[socket.socket]) -> None:
     exports = ExportTable()
     exports.add(Export(config.export_name, node, description=config.description,
                        read_only=config.read_only, multi_conn=config.shared != 1,
-                       allocation_depth=config.allocation_depth))
+                       allocation_depth=config.allocation_depth, bitmaps=bitmaps))
     server = Server(exports, max_connections=config.shared, persistent=config.persistent,
                     handshake_limit=config.handshake_limit, max_payload=config.max_payload,
                     tls=config.tls, tls_mode=config.tls_mode)
@@ -352,7 +398,7 @@ def _run_here(config: Config) -> int:
     sockets: list[socket.socket] = []
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(config.poll_max_ns)) as runner:
-            opened = runner.run(open_graph(config))
+            opened = runner.run(open_export(config))
             try:
                 sockets = [inetd_socket()] if config.inetd else listening_sockets(config)
             except UsageError:

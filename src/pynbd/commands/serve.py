@@ -103,6 +103,9 @@ class Config:
     max_payload: int = MAX_PAYLOAD
     #: offer the qemu:allocation-depth metadata context (-A)
     allocation_depth: bool = False
+    #: -B: dirty bitmaps to offer as qemu:dirty-bitmap:NAME contexts (found on the
+    #: image's format node or down its backing chain)
+    bitmaps: tuple[str, ...] = ()
 
 
 def _nonneg_int(text: str) -> int:
@@ -241,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the image starting at this byte offset")
     p.add_argument("-A", "--allocation-depth", action="store_true",
                    help="offer the qemu:allocation-depth metadata context")
+    p.add_argument("-B", "--bitmap", dest="bitmaps", action="append", default=[],
+                   metavar="NAME", help="offer the persistent dirty bitmap NAME of a qcow2 "
+                   "image (or of its backing chain) as qemu:dirty-bitmap:NAME; may be "
+                   "repeated")
     p.add_argument("--discard", choices=("ignore", "unmap", "off", "on"), default="ignore",
                    help="ignore (default) or unmap (pass trims to the image)")
     p.add_argument("--cache", choices=CACHE_MODES, metavar="MODE",
@@ -363,6 +370,8 @@ def _tls_settings(ns: argparse.Namespace) -> tuple[TlsCredentials | None, TlsMod
 
 def parse_args(argv: Sequence[str]) -> Config:
     """Turn the command line into a ``Config``; raise ``UsageError`` on bad input."""
+    if argv and argv[-1] == "--":  # ends the options, as getopt takes it (qemu-nbd)
+        argv = argv[:-1]
     ns = build_parser().parse_args(argv)
     if ns.fmt not in (None, "raw", "qcow2"):
         raise UsageError(f"unsupported image format {ns.fmt!r} (raw or qcow2)")
@@ -397,7 +406,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
         tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed,
         poll_max_ns=ns.poll_max_ns, listen_options=_listen_options(ns), inetd=ns.inetd,
-        max_payload=ns.max_payload, allocation_depth=ns.allocation_depth)
+        max_payload=ns.max_payload, allocation_depth=ns.allocation_depth,
+        bitmaps=tuple(ns.bitmaps))
 
 
 def fault_rules(specs: Sequence[str]) -> list[FaultRule]:

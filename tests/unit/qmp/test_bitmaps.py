@@ -306,7 +306,7 @@ def test_inconsistent_and_readonly_bitmaps() -> None:
             assert await fails(engine, "block-dirty-bitmap-merge",
                                {"node": "n", **args}) == refused
         # a bitmap loaded from a read-only image (qemu's readonly flag)
-        bitmap(engine, "n", "ok").readonly = True  # type: ignore[attr-defined]
+        bitmap(engine, "n", "ok").readonly = True
         ro = "Bitmap 'ok' is readonly and cannot be modified"
         assert await fails(engine, "block-dirty-bitmap-clear",
                            {"node": "n", "name": "ok"}) == ro

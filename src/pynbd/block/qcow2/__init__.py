@@ -3,7 +3,11 @@
 The package owns its modules: ``header`` (parsing and validation),
 ``entries`` (L1/L2 entry layouts, decompression), ``cache`` (the LRU table
 cache), ``refcount`` (refcounts and allocation), ``reads`` (lookup, reads,
-block status) and ``node`` (opening and writes).
+block status, allocation depth), ``fast`` (nowait reads and in-place writes),
+``writeback`` (L1/L2 write-back, overlap check), ``node`` (opening and writes),
+``rebuild`` (refcounts of a dirty image), ``snapshots`` (internal snapshots),
+``create`` (new images), ``bitmaps`` and ``bitmapstore`` (persistent dirty
+bitmaps).
 """
 
 from __future__ import annotations

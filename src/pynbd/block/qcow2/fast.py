@@ -37,6 +37,10 @@ class Qcow2Fast(Qcow2Reader):
     _file_read: Callable[[memoryview, int], bool] | None = None
     _file_write: Callable[[Data, int], bool] | None = None
 
+    def _overlaps(self, host: int) -> bool:
+        """Whether a data write to ``host`` would hit metadata (see ``Qcow2Metadata``)."""
+        return False
+
     def fast_paths(self) -> FastPaths:
         """Nowait reads and writes where the file has them (a file, a RAM disk)."""
         paths = self.file.fast_paths()
@@ -82,8 +86,8 @@ class Qcow2Fast(Qcow2Reader):
             last = (stop - 1 - cluster_start) >> sub_bits
             touched = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
             if mapping.alloc & touched == touched:
-                if (write and not mapping.copied) or not mapping.host \
-                        or mapping.host + size > limit:
+                if (write and (not mapping.copied or self._overlaps(mapping.host))) \
+                        or not mapping.host or mapping.host + size > limit:
                     return None
                 _add(runs, pos, stop - pos, mapping.host + pos - cluster_start)
             elif write or self.backing is not None or mapping.alloc & touched:

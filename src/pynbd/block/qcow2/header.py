@@ -5,7 +5,9 @@ docs/interop/qcow2.rst, "Header" and "Header extensions"), the feature bits,
 and every check an image must pass before a node is built over it.  Every
 problem is a ``Qcow2Error`` with one line naming it; malformed input never
 crashes or hangs a parser here (the extension walk is bounded by the first
-cluster).
+cluster).  ``header_with_bitmaps`` is the one rewrite of the extension area
+(for ``pynbd.block.qcow2.bitmaps``): the bitmaps extension set or dropped,
+everything else kept.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ MAX_BACKING_NAME = 1023
 #: the node interface's limit on a size
 MAX_SIZE = (1 << 63) - 1
 _FEATURE_ENTRY = 48
+#: qemu's limits on the bitmaps extension (QCOW2_MAX_BITMAPS, ..._DIRECTORY_SIZE)
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
+BITMAPS_EXTENSION_LENGTH = 24
 _FEATURE_KINDS = ("incompatible", "compatible", "autoclear")
 
 
@@ -81,7 +87,7 @@ class ImageInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Bitmaps:
-    """The bitmaps extension (kept, not interpreted)."""
+    """The bitmaps extension: where the bitmap directory is (``qcow2.bitmaps`` reads it)."""
 
     count: int
     directory_size: int
@@ -112,9 +118,13 @@ class Header:
     backing_format: str | None
     #: (kind, bit) -> name, from the feature name table
     feature_names: dict[tuple[int, int], str]
+    #: the bitmaps extension, if present and consistent (autoclear bit 0 set)
     bitmaps: Bitmaps | None
     #: unknown extensions, kept: (type, data)
     unknown_extensions: tuple[tuple[int, bytes], ...]
+    #: a bitmaps extension is present but not consistent (autoclear bit 0 clear, or a
+    #: version 2 image): ignored, as qemu does, and dropped on the first change
+    stale_bitmaps: bool = False
 
     @property
     def cluster_size(self) -> int:
@@ -181,6 +191,7 @@ def parse_header(data: bytes, file_size: int) -> Header:
     _check_features(incompatible, compression, cluster_bits, names)
     if refcount_order > 6:
         raise Qcow2Error(f"invalid refcount_order {refcount_order} (must be 0..6)")
+    bitmaps, stale = _bitmaps(extensions, autoclear, cluster_size, file_size)
     header = Header(
         version=version, cluster_bits=cluster_bits, size=size, crypt_method=crypt,
         l1_size=l1_size, l1_table_offset=l1_offset, refcount_table_offset=reftable_offset,
@@ -190,7 +201,7 @@ def parse_header(data: bytes, file_size: int) -> Header:
         header_length=header_length, compression_type=compression,
         backing_file=_backing_name(data, backing_offset, backing_size, file_size),
         backing_format=_string_extension(extensions, EXT_BACKING_FORMAT, "backing format"),
-        feature_names=names, bitmaps=_bitmaps(extensions, cluster_size, file_size),
+        feature_names=names, bitmaps=bitmaps, stale_bitmaps=stale,
         unknown_extensions=tuple(
             (kind, body) for kind, body in extensions
             if kind not in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_BITMAPS,
@@ -301,20 +312,74 @@ def _string_extension(extensions: list[tuple[int, bytes]], kind: int,
     return None
 
 
-def _bitmaps(extensions: list[tuple[int, bytes]], cluster_size: int,
-             file_size: int) -> Bitmaps | None:
+def _bitmaps(extensions: list[tuple[int, bytes]], autoclear: int, cluster_size: int,
+             file_size: int) -> tuple[Bitmaps | None, bool]:
+    """The bitmaps extension, checked as qemu checks it, and whether one is present but
+    stale (autoclear bit 0 clear: qemu ignores it, the bitmaps are lost)."""
     for kind, body in extensions:
         if kind != EXT_BITMAPS:
             continue
-        if len(body) < 24:
-            raise Qcow2Error(f"bitmaps extension too short ({len(body)} bytes)")
-        count, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", body)
+        if len(body) != BITMAPS_EXTENSION_LENGTH:
+            raise Qcow2Error(f"bitmaps extension has a bad length ({len(body)} bytes, "
+                             f"not {BITMAPS_EXTENSION_LENGTH})")
+        if not autoclear & AUTOCLEAR_BITMAPS:
+            return None, True
+        count, reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", body)
+        if reserved:
+            raise Qcow2Error("bitmaps extension: reserved field is not zero")
         if count == 0:
             raise Qcow2Error("bitmaps extension with no bitmaps")
+        if count > MAX_BITMAPS:
+            raise Qcow2Error(f"bitmaps extension: {count} bitmaps, more than qemu's "
+                             f"{MAX_BITMAPS}")
+        if dir_size == 0 or dir_size > MAX_BITMAP_DIRECTORY:
+            raise Qcow2Error(f"bitmaps extension: bad bitmap directory size {dir_size}")
         _check_area("bitmap directory", dir_offset, dir_size, cluster_size, file_size,
                     allow_empty=False)
-        return Bitmaps(count, dir_size, dir_offset)
-    return None
+        return Bitmaps(count, dir_size, dir_offset), False
+    return None, False
+
+
+def header_with_bitmaps(data: bytes, bitmaps: Bitmaps | None, autoclear: int) -> bytes:
+    """The start of the image (``data``: its first cluster, or the whole file if shorter)
+    with the bitmaps extension set to ``bitmaps`` (replaced where it is, added last, or
+    dropped for None) and the autoclear field set to ``autoclear`` (version 3), up to
+    the end of the backing file name, which follows the extensions (qemu's layout).
+    Every other extension is kept byte for byte.  ``Qcow2Error`` if it does not fit."""
+    version, cluster_bits = struct.unpack_from(">I", data, 4)[0], data[23]
+    cluster_size = 1 << cluster_bits
+    backing_offset, backing_size = struct.unpack_from(">QI", data, 8)
+    header_length = struct.unpack_from(">I", data, 100)[0] if version >= 3 else V2_LENGTH
+    end = min(len(data), cluster_size if backing_offset == 0 else backing_offset)
+    ext = b"" if bitmaps is None else struct.pack(
+        ">IIIIQQ", EXT_BITMAPS, BITMAPS_EXTENSION_LENGTH, bitmaps.count, 0,
+        bitmaps.directory_size, bitmaps.directory_offset)
+    out = bytearray(data[:header_length])
+    pos = header_length
+    while pos + 8 <= end:
+        kind, length = struct.unpack_from(">II", data, pos)
+        if kind == EXT_END:
+            break
+        size = 8 + ((length + 7) & ~7)
+        if pos + size > end:
+            raise Qcow2Error(f"header extension {kind:#x} runs past the header area")
+        out += ext if kind == EXT_BITMAPS else data[pos:pos + size]
+        if kind == EXT_BITMAPS:
+            ext = b""
+        pos += size
+    out += ext + bytes(8)  # the end of the extensions
+    used = pos + 8
+    if backing_offset:
+        name = data[backing_offset:backing_offset + backing_size]
+        struct.pack_into(">Q", out, 8, len(out))
+        out += name
+        used = max(used, backing_offset + backing_size)
+    out += bytes(max(0, min(used, len(data)) - len(out)))  # no stale bytes left after it
+    if len(out) > cluster_size:
+        raise Qcow2Error("the header extensions do not fit in the first cluster")
+    if version >= 3:
+        struct.pack_into(">Q", out, OFFSET_AUTOCLEAR, autoclear)
+    return bytes(out)
 
 
 def _backing_name(data: bytes, offset: int, length: int, file_size: int) -> str | None:

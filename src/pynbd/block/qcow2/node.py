@@ -4,7 +4,8 @@ Owns ``Qcow2Node``: ``open`` validates the header and the open mode; writes
 allocate data clusters and L2 tables (free ones first, else at the end of the
 file), copy what a partial write must keep (from the backing node, zeroes, or
 the old cluster when it is compressed or shared), and free what trims and
-zeroing release.
+zeroing release.  Persistent bitmaps: loaded at open, flagged in_use before the
+first write, stored at close (``pynbd.block.qcow2.bitmapstore``).
 
 Rules of this module (crash safety and concurrency):
 - Order of writes, durable even across a power cut: a new cluster's refcount
@@ -49,14 +50,13 @@ from typing import TYPE_CHECKING
 
 from ..fileio import ZEROES, as_bytes
 from ..node import Capabilities, FastZeroUnsupported, Growable, Node
+from .bitmapstore import PersistentBitmaps, StoredBitmaps
 from .entries import ALL_SUB, COPIED, compressed_host_clusters, encode, have_zstd
 from .header import (
-    AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_ZSTD,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
-    OFFSET_AUTOCLEAR,
     OFFSET_INCOMPATIBLE,
     Qcow2Error,
     read_header,
@@ -79,7 +79,7 @@ DEFAULT_CACHE_SIZE = 32 << 20
 RELEASE_BATCH = 4096
 
 
-class Qcow2Node(Qcow2Metadata):
+class Qcow2Node(Qcow2Metadata, PersistentBitmaps):
     """A qcow2 image in ``file``; build with ``await Qcow2Node.open(file)``."""
 
     driver = "qcow2"
@@ -95,8 +95,9 @@ class Qcow2Node(Qcow2Metadata):
             can_multi_conn=True, sparse_reads=True)
         self.refcounts = Refcounts(file, header, max(cache_size // 4, 4 * self.cluster_size))
         self._locks: dict[int, asyncio.Lock] = {}
-        self._autoclear = header.autoclear
         self._prepared = False
+        self._meta_lock = asyncio.Lock()  # header changes: _prepare, bitmaps
+        self.stored = StoredBitmaps(self)  # the image's persistent bitmaps
         #: the dirty bit was set here (lazy refcounts) and is cleared on close
         self._marked_dirty = False
         #: host offsets of clusters counted and not used yet
@@ -135,6 +136,7 @@ class Qcow2Node(Qcow2Metadata):
                    cache_size=DEFAULT_CACHE_SIZE if cache_size is None else cache_size)
         if not read_only:
             await node.refcounts.load()
+        node.stored = await StoredBitmaps.load(node)
         return node
 
     # -- helpers ----------------------------------------------------------------
@@ -146,23 +148,21 @@ class Qcow2Node(Qcow2Metadata):
         return lock
 
     async def _prepare(self) -> None:
-        """Before the first change: clear the autoclear bits this node does not keep
-        (unknown ones, and the bitmaps bit: bitmaps are not updated here)."""
+        """Before the first change (callers meanwhile wait): clear the autoclear bits
+        this node does not keep and flag the image's bitmaps in_use (``bitmaps``)."""
         if self._prepared:
             return
         if self.read_only:
             raise OSError(errno.EROFS, "qcow2 node is read-only")
-        self._prepared = True
-        if self.version >= 3 and self._autoclear & ~AUTOCLEAR_DATA_FILE_RAW:
-            self._autoclear &= AUTOCLEAR_DATA_FILE_RAW
-            await self.file.pwrite(struct.pack(">Q", self._autoclear), OFFSET_AUTOCLEAR)
-            await self.file.flush()
-        if self.header.compatible & COMPAT_LAZY_REFCOUNTS:
-            # as qemu: a lazy-refcounts image is dirty while it is written to.  The
-            # refcounts here are kept exact anyway; after a crash the next open
-            # rebuilds them (and so reclaims any leak).
-            await self._set_incompatible(self.header.incompatible | INCOMPAT_DIRTY)
-            self._marked_dirty = True
+        async with self._meta_lock:
+            if not self._prepared:  # not done by a caller that held the lock first
+                await self.stored.prepare()
+                if self.header.compatible & COMPAT_LAZY_REFCOUNTS:
+                    # as qemu: a lazy-refcounts image is dirty while written to (the
+                    # refcounts are exact anyway; after a crash, open rebuilds them)
+                    await self._set_incompatible(self.header.incompatible | INCOMPAT_DIRTY)
+                    self._marked_dirty = True
+                self._prepared = True
 
     async def _set_incompatible(self, value: int) -> None:
         await self.file.pwrite(struct.pack(">Q", value), OFFSET_INCOMPATIBLE)
@@ -208,9 +208,8 @@ class Qcow2Node(Qcow2Metadata):
             fresh = self.refcounts.fresh  # space the file just grew by: no metadata
             reused = [host for host in hosts if host not in fresh]
             if reused:
-                blocks = set(self.refcounts.table)
                 for host in reused:
-                    if host in blocks or self._overlaps_metadata(host):
+                    if self._overlaps(host):
                         raise OSError(errno.EIO, f"qcow2: the refcount of metadata "
                                       f"cluster {host:#x} is 0 (the image is corrupt: "
                                       f"qemu-img check -r all repairs it)")
@@ -235,6 +234,9 @@ class Qcow2Node(Qcow2Metadata):
     async def _writable_in_place(self, mapping: Mapping) -> bool:
         if mapping.compressed or not mapping.host:
             return False
+        if self._overlaps(mapping.host):
+            raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} overlaps "
+                          f"metadata (the image is corrupt)")
         if mapping.host + self.cluster_size > self.file.size:
             if mapping.host >= self.file.size or not isinstance(self.file, Growable):
                 raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} lies "
@@ -257,8 +259,9 @@ class Qcow2Node(Qcow2Metadata):
         try:
             pieces = await self.walk(offset, len(view))
             limit = self.file.size
-            in_place = self._prepared and all(p.kind is Kind.DATA and p.copied
-                                              and p.host + p.length <= limit for p in pieces)
+            in_place = self._prepared and all(
+                p.kind is Kind.DATA and p.copied and p.host + p.length <= limit
+                and not self._overlaps_range(p.host, p.length) for p in pieces)
             if in_place:
                 for piece in pieces:  # every cluster allocated with refcount 1: in place
                     start = piece.offset - offset
@@ -457,17 +460,20 @@ class Qcow2Node(Qcow2Metadata):
         await self._apply_releases()
 
     async def close(self) -> None:
-        """Free the spare clusters, apply what waits, clear the dirty bit set here."""
+        """Free spare clusters, apply what waits, store bitmaps, clear our dirty bit."""
         if self._closed:
             return
         self._closed = True
         if self.read_only:
+            await self.stored.close()  # nothing to store, or says what is lost
             return
         spare, self._spare = list(self._spare), collections.deque()
         await self._apply_releases()
         if spare:
             await self.refcounts.release([host >> self.cluster_bits for host in spare])
         await self.file.flush()
+        async with self._meta_lock:
+            await self.stored.close()
         if self._marked_dirty:
             self._marked_dirty = False
             await self._set_incompatible(self.header.incompatible & ~INCOMPAT_DIRTY)

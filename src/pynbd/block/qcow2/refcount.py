@@ -153,6 +153,9 @@ class Refcounts:
         #: host offsets ``allocate`` handed out from space the file just grew by (a
         #: hole: they read as zeroes until written); the user takes them out
         self.fresh: set[int] = set()
+        #: host offsets of the refcount table's clusters and of the refcount blocks
+        #: (for the overlap check of data writes)
+        self.meta: set[int] = set()
         self._growing = False
 
     async def load(self) -> None:
@@ -163,6 +166,13 @@ class Refcounts:
         for offset in self.table:
             if offset % self.cluster_size or offset + self.cluster_size > self.file.size:
                 raise Qcow2Error(f"refcount block offset {offset:#x} is invalid")
+        self.meta = self._table_clusters() | set(self.table)
+        self.meta.discard(0)
+
+    def _table_clusters(self) -> set[int]:
+        size = self.cluster_size
+        first = self.table_offset & ~(size - 1)
+        return set(range(first, self.table_offset + self.file_entries * 8, size))
 
     # -- entries ---------------------------------------------------------------
 
@@ -194,6 +204,7 @@ class Refcounts:
         await self.file.flush()  # the block is durable before the table points at it
         self.blocks.put(offset, block)
         self.table[number] = offset
+        self.meta.add(offset)
         await self._write_table_entry(number)
         return offset, block
 
@@ -262,7 +273,9 @@ class Refcounts:
         await self.file.flush()  # ... and the header is, before the old table is freed
         old_offset = self.table_offset
         old_clusters = self.file_entries // per_cluster
+        self.meta -= self._table_clusters()
         self.table_offset, self.file_entries = new_offset, entries
+        self.meta |= self._table_clusters()
         first = old_offset >> self.cluster_bits
         await self._release(list(range(first, first + old_clusters)))
 
@@ -285,6 +298,11 @@ class Refcounts:
                 start = await self._take(count)
                 clusters = list(range(start, start + count))
                 self.fresh.update(c << self.cluster_bits for c in clusters if c >= first_new)
+            elif (clusters[-1] + 1) << self.cluster_bits > self.file.size:
+                # the file ends inside the last cluster handed out: whole clusters
+                if not isinstance(self.file, Growable):
+                    raise OSError(errno.ENOSPC, "the image's file node cannot grow")
+                await self.file.grow((clusters[-1] + 1) << self.cluster_bits)
             await self._apply(clusters, 1, fresh=True)
             return [cluster << self.cluster_bits for cluster in clusters]
 

@@ -2,7 +2,7 @@
 in crash-safe order when the node is flushed.
 
 Owns ``Qcow2Metadata`` (a base of ``Qcow2Node``), and the overlap check
-(``_overlaps_metadata``): ``_set_entry`` and
+(``_overlaps``): ``_set_entry`` and
 ``_write_l1`` change the tables in memory only and mark them dirty;
 ``_writeback`` writes them out; ``_apply_releases`` then decrements what the
 written changes stopped using.
@@ -64,6 +64,12 @@ class Qcow2Metadata(Qcow2Fast):
         self._dirty_l1: set[int] = set()
         #: host offsets of the active L2 tables (for the overlap check)
         self._l2_tables = {entry & OFFSET_MASK for entry in l1} - {0}
+        #: host offsets of the metadata clusters that never move (overlap check)
+        self._static_meta = _clusters(header.cluster_size, [
+            (0, header.cluster_size), (header.l1_table_offset, header.l1_size * 8),
+            (header.snapshots_offset, 40 * header.nb_snapshots),
+            (0, 0) if header.bitmaps is None else (header.bitmaps.directory_offset,
+                                                   header.bitmaps.directory_size)])
         self._writeback_lock = asyncio.Lock()
         #: clusters whose entries are gone, to decrement after the next writeback
         self._to_release: list[int] = []
@@ -97,22 +103,19 @@ class Qcow2Metadata(Qcow2Fast):
             self.l2_cache.unpin(l2_offset)
         self.l2_cache.drop(l2_offset)
 
-    def _overlaps_metadata(self, host: int) -> bool:
-        """qemu's overlap check, for a cluster about to be handed out: is it the
-        header, the L1 table, the refcount table, an active L2 table, the snapshot
-        table or the bitmap directory?  (Only a corrupt refcount can make it so; the
-        caller checks the refcount blocks.)"""
-        size, header, refcounts = self.cluster_size, self.header, self.refcounts
-        if host < size or host in self._l2_tables:
-            return True
-        areas = [(header.l1_table_offset, header.l1_size * 8),
-                 (refcounts.table_offset, refcounts.file_entries * 8)]
-        if header.nb_snapshots:
-            areas.append((header.snapshots_offset, 40 * header.nb_snapshots))
-        if header.bitmaps is not None:
-            areas.append((header.bitmaps.directory_offset, header.bitmaps.directory_size))
-        return any(start < host + size and host < start + length
-                   for start, length in areas if length)
+    def _overlaps(self, host: int) -> bool:
+        """qemu's overlap check ("cached"), for a data cluster about to be written or
+        handed out: is it the header, the L1 table, the refcount table or a block,
+        an active L2 table, the snapshot table or the bitmap directory?  Only a
+        corrupt image can make it so; the write then fails with EIO instead of
+        destroying metadata."""
+        return (host in self._static_meta or host in self._l2_tables
+                or host in self.refcounts.meta)
+
+    def _overlaps_range(self, host: int, length: int) -> bool:
+        size = self.cluster_size
+        first = host & ~(size - 1)
+        return any(self._overlaps(cluster) for cluster in range(first, host + length, size))
 
     @property
     def _too_dirty(self) -> bool:
@@ -179,3 +182,12 @@ class Qcow2Metadata(Qcow2Fast):
             ready.extend(held.popleft()[1])
         if ready:
             await self.refcounts.release(ready)
+
+
+def _clusters(size: int, areas: list[tuple[int, int]]) -> set[int]:
+    """The host offsets of every cluster the ``(offset, length)`` areas touch."""
+    hosts: set[int] = set()
+    for start, length in areas:
+        if length > 0:
+            hosts.update(range(start & ~(size - 1), start + length, size))
+    return hosts
