@@ -189,7 +189,8 @@ class _Builder:
             # "x-snapshot" (the command line's -l, not in the QMP schema): a SnapshotRef
             return await Qcow2Node.open(file, backing=backing, read_only=read_only,
                                         cache_size=options.get("cache-size"),
-                                        snapshot=options.get("x-snapshot"))
+                                        snapshot=options.get("x-snapshot"),
+                                        lazy_refcounts=options.get("lazy-refcounts"))
         except SnapshotError as err:
             raise BlockdevError(f"Failed to load snapshot: {err}") from None
         except Qcow2Error as err:

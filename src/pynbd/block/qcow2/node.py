@@ -98,6 +98,8 @@ class Qcow2Node(Qcow2Metadata, PersistentBitmaps):
         self._prepared = False
         self._meta_lock = asyncio.Lock()  # header changes: _prepare, bitmaps
         self.stored = StoredBitmaps(self)  # the image's persistent bitmaps
+        #: mark the image dirty while it is written to (qemu's lazy-refcounts)
+        self.lazy_refcounts = False
         #: the dirty bit was set here (lazy refcounts) and is cleared on close
         self._marked_dirty = False
         #: host offsets of clusters counted and not used yet
@@ -107,13 +109,19 @@ class Qcow2Node(Qcow2Metadata, PersistentBitmaps):
     @classmethod
     async def open(cls, file: Node, *, backing: Node | None = None, read_only: bool = False,
                    cache_size: int | None = None,
-                   snapshot: SnapshotRef | None = None) -> Qcow2Node:
+                   snapshot: SnapshotRef | None = None,
+                   lazy_refcounts: bool | None = None) -> Qcow2Node:
         """Open the image in ``file`` (``Qcow2Error`` if it is bad or unsupported).
 
         With ``snapshot`` the node is the internal snapshot it names, read-only
         (``SnapshotError`` if it cannot be loaded), as qemu-nbd's ``-l``.
+        ``lazy_refcounts`` is qemu's option of that name (None: the image's own
+        compatible bit): the image is marked dirty while it is written to.
         """
         header = await read_header(file)
+        if lazy_refcounts and header.version < 3:
+            raise Qcow2Error("Lazy refcounts require a qcow2 image with at least qemu "
+                             "1.1 compatibility level")
         if header.compression_type == COMPRESSION_ZSTD and not have_zstd():
             raise Qcow2Error("zstd-compressed qcow2 image, and the zstandard module "
                              "is not installed")
@@ -134,6 +142,8 @@ class Qcow2Node(Qcow2Metadata, PersistentBitmaps):
             header = await rebuild_refcounts(file, header, l1)
         node = cls(file, header, l1, backing=backing, read_only=read_only,
                    cache_size=DEFAULT_CACHE_SIZE if cache_size is None else cache_size)
+        node.lazy_refcounts = (bool(header.compatible & COMPAT_LAZY_REFCOUNTS)
+                               if lazy_refcounts is None else lazy_refcounts)
         if not read_only:
             await node.refcounts.load()
         node.stored = await StoredBitmaps.load(node)
@@ -157,7 +167,7 @@ class Qcow2Node(Qcow2Metadata, PersistentBitmaps):
         async with self._meta_lock:
             if not self._prepared:  # not done by a caller that held the lock first
                 await self.stored.prepare()
-                if self.header.compatible & COMPAT_LAZY_REFCOUNTS:
+                if self.lazy_refcounts:
                     # as qemu: a lazy-refcounts image is dirty while written to (the
                     # refcounts are exact anyway; after a crash, open rebuilds them)
                     await self._set_incompatible(self.header.incompatible | INCOMPAT_DIRTY)

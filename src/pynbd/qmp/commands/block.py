@@ -47,8 +47,9 @@ _RBD = s.Struct({"pool": str, "namespace": str, "image": str, "conf": str, "snap
                 frozenset({"namespace", "conf", "snapshot", "user", "discard", "x-lock"}))
 # qemu's BlockdevOptionsQcow2 members pynbd supports; backing: a node name, inline
 # options, or null for no backing node at all
-_QCOW2 = s.Struct({"file": object, "backing": object, "cache-size": int},
-                  frozenset({"backing", "cache-size"}))
+_QCOW2 = s.Struct({"file": object, "backing": object, "cache-size": int,
+                   "lazy-refcounts": bool},
+                  frozenset({"backing", "cache-size", "lazy-refcounts"}))
 # qemu's BlockdevOptionsCbw (qemu 7.1+ members) and BlockdevOptionsGenericFormat for
 # snapshot-access: the fleecing nodes (pynbd.block.fleece, pynbd.block.snapshotaccess)
 _CBW = s.Struct({"file": object, "target": object,
