@@ -178,6 +178,9 @@ class BlockGraph:
         if name in self._nodes:
             raise GraphError(f"Duplicate nodes with node-name='{name}'")
         node.node_name = name
+        real = shown(node)
+        if real is not node:  # the node under implicit filters: named in messages only
+            real.shown_name = name
         self._nodes[name] = node
 
     def parents(self, node: Node) -> list[Node]:

@@ -236,6 +236,9 @@ class Node(abc.ABC):
     #: a filter the system put in on its own (as qemu's implicit filter nodes):
     #: queries show the node under it in its place
     implicit: bool = False
+    #: the name the user gave the implicit filters over this node (messages only:
+    #: the graph tells nodes apart by ``node_name``)
+    shown_name: str = ""
     #: the node's dirty bitmaps (``pynbd.block.tracking``), None until it has one
     bitmaps: BitmapSet | None = None
 

@@ -213,7 +213,7 @@ def check_new(node: Qcow2Node, name: str, granularity: int) -> None:
     new persistent bitmap could not be stored in the image."""
     def refuse(reason: str) -> BitmapError:
         return BitmapError(f"Can't make bitmap '{name}' persistent in "
-                           f"'{node.node_name}': {reason}")
+                           f"'{node.node_name or node.shown_name}': {reason}")
 
     if node.version < 3:
         raise refuse("Cannot store dirty bitmaps in qcow2 v2 files")
