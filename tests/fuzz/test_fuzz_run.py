@@ -25,9 +25,11 @@ LINE = re.compile(r"^(?P<target>[\w-]+): (?P<inputs>\d+) inputs, (?P<rate>\d+) e
                   r"(?P<crashes>\d+) crash", re.MULTILINE)
 
 
-#: seconds one target's worker may fuzz (each takes 1-7 s here); one past it by the
-#: runner's grace is killed and reported as stalled, with its last output lines
-MAX_TIME = 30
+#: seconds one target's worker may fuzz (each takes 1-15 s here; a run that wanders
+#: into slow inputs, a few ms each, once took 50 s for server-extended-transmission's
+#: 5,000); one past it by the runner's grace is killed and reported as stalled, with
+#: its last output lines
+MAX_TIME = 60
 
 
 def fuzz(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
