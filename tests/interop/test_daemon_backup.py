@@ -28,7 +28,6 @@ import os
 import random
 import struct
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,8 +40,10 @@ from tests.support.interop import bounded, require_tool
 from tests.support.qmp import qmp, qmp_session
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
+
+    from tests.interop.conftest import Daemon
 
 pytestmark = pytest.mark.interop
 
@@ -56,46 +57,6 @@ FILLED = SIZE // 2
 T = 30.0
 #: the writer stops by itself after this long or this many writes
 WRITER_SECONDS, MAX_WRITES = 120.0, 200_000
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    qmp: str
-    sock: str
-
-    def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.sock}"
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[[], Daemon]]:
-    """``start()`` runs ``pynbd daemon --qmp``; a daemon still running at the end is
-    killed."""
-    started: list[Daemon] = []
-
-    def factory() -> Daemon:
-        index = len(started)
-        qmp_path, pid = str(tmp_path / f"q{index}.sock"), tmp_path / f"d{index}.pid"
-        err = open(tmp_path / f"d{index}.err", "wb")  # noqa: SIM115 - the daemon's
-        proc = subprocess.Popen([sys.executable, "-m", "pynbd", "daemon", "--qmp", qmp_path,
-                                 "--pid-file", str(pid)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        err.close()
-        daemon = Daemon(proc, qmp_path, str(tmp_path / f"n{index}.sock"))
-        started.append(daemon)
-        deadline = time.monotonic() + T
-        while not pid.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"daemon did not start: {(tmp_path / f'd{index}.err').read_text()}")
-            time.sleep(0.02)
-        return daemon
-
-    yield factory
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
 
 
 def tool(*argv: str) -> str:
