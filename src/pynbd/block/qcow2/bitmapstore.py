@@ -66,6 +66,7 @@ from .header import (
     Qcow2Error,
     header_with_bitmaps,
 )
+from .writeback import clusters_of
 
 if TYPE_CHECKING:
     import asyncio
@@ -272,22 +273,20 @@ class StoredBitmaps:
             await self._free(allocated)
             raise
         allocated.clear()  # the header may point at them from here on: never freed
-        static = node._static_meta  # the node's overlap check knows the directory
-        static.update(self._clusters(ext))
+        node.metadata_moved(self._clusters(ext), set())  # the overlap check follows
         await self._write_header(ext)
         self.entries = entries
         if old is not None:
             freed = self._clusters(old)
-            static.difference_update(freed)
+            node.metadata_moved(set(), freed)
             await self._free(sorted(freed))
 
     def _clusters(self, ext: Bitmaps | None) -> set[int]:
         """The host offsets of the clusters of the directory ``ext`` names."""
         if ext is None:
             return set()
-        size = self.node.cluster_size
-        start = ext.directory_offset
-        return set(range(start & ~(size - 1), start + ext.directory_size, size))
+        return clusters_of(self.node.cluster_size, [(ext.directory_offset,
+                                                     ext.directory_size)])
 
     async def _free_bitmap(self, entry: Entry) -> None:
         """Free the table and data clusters of an entry the directory no longer has."""

@@ -65,7 +65,7 @@ class Qcow2Metadata(Qcow2Fast):
         #: host offsets of the active L2 tables (for the overlap check)
         self._l2_tables = {entry & OFFSET_MASK for entry in l1} - {0}
         #: host offsets of the metadata clusters that never move (overlap check)
-        self._static_meta = _clusters(header.cluster_size, [
+        self._static_meta = clusters_of(header.cluster_size, [
             (0, header.cluster_size), (header.l1_table_offset, header.l1_size * 8),
             (header.snapshots_offset, 40 * header.nb_snapshots),
             (0, 0) if header.bitmaps is None else (header.bitmaps.directory_offset,
@@ -111,6 +111,12 @@ class Qcow2Metadata(Qcow2Fast):
         destroying metadata."""
         return (host in self._static_meta or host in self._l2_tables
                 or host in self.refcounts.meta)
+
+    def metadata_moved(self, added: set[int], removed: set[int]) -> None:
+        """Metadata that is not an L2 or refcount structure moved (the bitmap
+        directory): the overlap check follows it."""
+        self._static_meta |= added
+        self._static_meta -= removed
 
     def _overlaps_range(self, host: int, length: int) -> bool:
         size = self.cluster_size
@@ -184,7 +190,7 @@ class Qcow2Metadata(Qcow2Fast):
             await self.refcounts.release(ready)
 
 
-def _clusters(size: int, areas: list[tuple[int, int]]) -> set[int]:
+def clusters_of(size: int, areas: list[tuple[int, int]]) -> set[int]:
     """The host offsets of every cluster the ``(offset, length)`` areas touch."""
     hosts: set[int] = set()
     for start, length in areas:
