@@ -201,6 +201,7 @@ def environment(servers: list[str], backends: list[str],
         return ((done.stdout + done.stderr).strip().splitlines() or ["unknown"])[0]
 
     commands = {"pynbd": [sys.executable, "-m", "pynbd", "-V"], "qemu-nbd": ["qemu-nbd", "-V"],
+                "qemu-nbd-uring": ["qemu-nbd", "-V"],
                 "pynbd-base": ["git", "-C", str(baseline), "rev-parse", "--short", "HEAD"],
                 "nbdkit": ["nbdkit", "--version"], "nbd-server": ["nbd-server", "-V"],
                 "fio": ["fio", "--version"], "nbdcopy": ["nbdcopy", "--version"],
@@ -251,6 +252,8 @@ def write_json(args: argparse.Namespace, rows: list[dict[str, Any]],
             "image": "each server its own copy: qemu-img convert -f raw -O qcow2 of the raw "
                      "image (default 64 KiB clusters, all allocated: random data), fsynced",
             "commands": {"pynbd": "python -m pynbd -t -e 0 -k SOCK -f qcow2 IMAGE",
+                         "qemu-nbd-uring": "GLIBC_TUNABLES=... qemu-nbd -f qcow2 -e 8 -t -k "
+                                           "SOCK --cache=writeback --aio=io_uring IMAGE",
                          "qemu-nbd": "qemu-nbd -f qcow2 -e 8 -t -k SOCK --cache=writeback "
                                      "--aio=threads IMAGE"},
             "fresh_jobs": "h, i: every run on a fresh empty image (qemu-img create -f qcow2 "

@@ -24,11 +24,17 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 #: "pynbd-base" is pynbd from another checkout (``--baseline DIR``), for A/B runs
-ALL_SERVERS = ("pynbd", "qemu-nbd", "nbdkit", "nbd-server", "pynbd-base")
+#: "qemu-nbd-uring" is qemu-nbd at its best on files: io_uring, and glibc's malloc
+#: tuned so that 1 MiB buffers are neither mmapped nor trimmed per request
+ALL_SERVERS = ("pynbd", "qemu-nbd", "qemu-nbd-uring", "nbdkit", "nbd-server", "pynbd-base")
 HAS_MEMORY = ("pynbd", "nbdkit", "pynbd-base")  # the others get a fresh sparse raw file
 HAS_RBD = ("pynbd", "qemu-nbd", "pynbd-base")  # nbdkit and nbd-server: no RBD support here
-HAS_QCOW2 = ("pynbd", "qemu-nbd", "pynbd-base")  # nbdkit and nbd-server: no qcow2 here
+# nbdkit and nbd-server: no qcow2 here
+HAS_QCOW2 = ("pynbd", "qemu-nbd", "qemu-nbd-uring", "pynbd-base")
 PYNBDS = ("pynbd", "pynbd-base")
+#: qemu-nbd-uring's GLIBC_TUNABLES: no mmap/munmap or trim per 1 MiB request buffer
+QEMU_MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold=67108864:"
+                        "glibc.malloc.trim_threshold=268435456")
 RBD_IMAGE = "bench"  # the image every rbd server exports, in the cluster's pool
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -82,9 +88,10 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
     if name == "qemu-nbd" and backend == "rbd":
         return ["qemu-nbd", "-f", "raw", "--cache=none", "-e", "8", "-t", "-k", str(sock),
                 target]
-    if name == "qemu-nbd":
+    if name in ("qemu-nbd", "qemu-nbd-uring"):
+        aio = "io_uring" if name == "qemu-nbd-uring" else "threads"
         return ["qemu-nbd", "-f", fmt, "-e", "8", "-t", "-k", str(sock),
-                "--cache=writeback", "--aio=threads", target]
+                "--cache=writeback", f"--aio={aio}", target]
     if name == "nbdkit":
         plugin = ["memory", str(size)] if backend == "memory" else ["file", target]
         return ["nbdkit", "-f", "-U", str(sock), *plugin]
@@ -96,7 +103,10 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
 
 
 def server_env(name: str) -> dict[str, str] | None:
-    """The environment of server ``name``: pynbd-base imports pynbd from the baseline."""
+    """The environment of server ``name``: pynbd-base imports pynbd from the baseline,
+    qemu-nbd-uring gets its malloc tunables."""
+    if name == "qemu-nbd-uring":
+        return {**os.environ, "GLIBC_TUNABLES": QEMU_MALLOC_TUNABLES}
     if name != "pynbd-base":
         return None
     assert _baseline is not None
