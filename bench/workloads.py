@@ -5,6 +5,9 @@ the qcow2 backend, each run on a fresh empty image (bench/qcow2jobs.py).
 nbdcopy-out copies an export to a local file, nbdcopy-in the image into a
 fresh export.  ``measure`` times one client run against a server and reads
 the server's CPU (and the OSD's, for rbd) and the host's background load.
+Every measurement starts with the host's dirty pages written back
+(``quiesce``), so that a run never pays for the write-back of the one before
+it, and the order of servers does not decide the write rows.
 """
 
 from __future__ import annotations
@@ -26,6 +29,28 @@ if TYPE_CHECKING:
 
 MIB = 1 << 20
 COPY_MIN_MBPS = 10.0  # nbdcopy timeout: 60 s + size at this rate
+#: ``quiesce``: the host counts as quiet below this many dirty + writeback bytes
+QUIET_DIRTY = 32 * MIB
+QUIESCE_TIMEOUT = 60.0
+
+
+def _dirty_bytes() -> int:
+    """Dirty and under-writeback page-cache bytes of the whole host (/proc/meminfo)."""
+    total = 0
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("Dirty", "Writeback"):
+                total += int(rest.split()[0]) * 1024
+    return total
+
+
+def quiesce() -> None:
+    """Write back the host's dirty pages (bounded wait) before a measurement starts."""
+    os.sync()
+    deadline = time.monotonic() + QUIESCE_TIMEOUT
+    while _dirty_bytes() > QUIET_DIRTY and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +157,7 @@ def measure(server: Server, cmd: list[str], timeout: float,
     """
     if not pid_alive(server.pid):
         return None, Sample(rnd, False, "server not running")
+    quiesce()
     osd0 = None if server.osd_pid is None else cpu_seconds(server.osd_pid)
     cpu0, host0, kids0 = cpu_seconds(server.pid), host_busy_seconds(), children_cpu_seconds()
     t0 = time.monotonic()
