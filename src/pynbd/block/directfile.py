@@ -149,6 +149,8 @@ class DirectFileNode(FileNode):
             where the file system refuses direct I/O.
     """
 
+    cache_direct = True
+
     def __init__(self, path: str, *, read_only: bool = False, discard: bool = False) -> None:
         super().__init__(path, read_only=read_only, discard=discard)
         #: the buffered fd for the tail (regular files only); -1: none

@@ -127,6 +127,27 @@ def shown(node: Node) -> Node:
     return node
 
 
+def _cache_flags(node: Node) -> dict[str, Any]:
+    """``cache`` and ``detect_zeroes`` of a node as qemu shows them: from the implicit
+    filters over it (``no-flush``, ``writethrough``, ``detect-zeroes``) and the node
+    itself (``cache_direct``)."""
+    writeback, no_flush, detect_zeroes = True, False, "off"
+    while node.implicit:
+        if node.driver == "writethrough":
+            writeback = False
+        elif node.driver == "no-flush":
+            no_flush = True
+        elif node.driver == "detect-zeroes":
+            detect_zeroes = "unmap" if getattr(node, "unmap", False) else "on"
+        children = list(node.children.values())
+        if len(children) != 1:
+            break
+        node = children[0]
+    return {"detect_zeroes": detect_zeroes,
+            "cache": {"writeback": writeback, "direct": node.cache_direct,
+                      "no-flush": no_flush}}
+
+
 def _image_info(node: Node) -> dict[str, Any]:
     """qemu's ImageInfo of a node: its file, format and size, and its backing
     image's, nested, down the chain."""
@@ -271,10 +292,9 @@ class BlockGraph:
             **extra,
             "node-name": name, "drv": real.driver, "ro": not real.capabilities.can_write,
             "file": real.filename, "backing_file_depth": backing_depth(real),
-            "encrypted": False, "detect_zeroes": "off",
+            "encrypted": False, **_cache_flags(node),
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
             "write_threshold": 0,
-            "cache": {"writeback": True, "direct": False, "no-flush": False},
             "image": image,
             **_dirty_bitmaps(real),
         }

@@ -239,6 +239,8 @@ class Node(abc.ABC):
     #: the name the user gave the implicit filters over this node (messages only:
     #: the graph tells nodes apart by ``node_name``)
     shown_name: str = ""
+    #: the node bypasses the host's page cache (qemu's ``cache.direct``)
+    cache_direct: bool = False
     #: the node's dirty bitmaps (``pynbd.block.tracking``), None until it has one
     bitmaps: BitmapSet | None = None
 

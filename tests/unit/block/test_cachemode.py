@@ -16,6 +16,7 @@ from tests.unit.block.support import MIB, Stack, pattern, read, run
 from pynbd.block import BlockGraph, FileNode, FilterNode, MemoryNode
 from pynbd.block.blockdev import BlockdevError, add_all, build
 from pynbd.block.cachemode import NoFlushFilter, WritethroughFilter
+from pynbd.block.detectzeroes import DetectZeroesFilter
 from pynbd.block.directfile import DirectFileNode
 from pynbd.block.graph import shown
 from pynbd.block.rbdspec import parse_rbd_filename
@@ -200,6 +201,10 @@ def test_cache_direct_opens_the_file_o_direct(tmp_path: pathlib.Path) -> None:
         file = node.children["file"]
         assert type(file) is DirectFileNode
         assert graph.describe("disk", node)["drv"] == "raw"
+        # cache.direct was set on the file node: it shows there, not on raw (as qemu)
+        assert graph.describe("disk", node)["cache"]["direct"] is False
+        assert graph.describe("file", file)["cache"] == {
+            "writeback": True, "direct": True, "no-flush": False}
         run(node.pwrite(pattern(1, 5000), 3))
         assert run(read(node, 3, 5000)) == pattern(1, 5000)
     finally:
@@ -225,7 +230,11 @@ def test_cache_no_flush_puts_an_implicit_filter_over_the_node(tmp_path: pathlib.
         below = shown(node)
         # a memory disk has nothing to bypass: direct is ignored there, as qemu does
         assert type(below) is (DirectFileNode if driver == "file" else MemoryNode)
-        assert graph.describe("disk", node)["drv"] == below.driver
+        shown_entry = graph.describe("disk", node)
+        assert shown_entry["drv"] == below.driver
+        assert shown_entry["cache"] == {"writeback": True, "direct": driver == "file",
+                                        "no-flush": True}
+        assert shown_entry["detect_zeroes"] == "off"
     finally:
         run(graph.close())
 
@@ -289,3 +298,18 @@ class TestWritethrough(_FilterContract):
 class TestNoFlush(_FilterContract):
     def wrap(self, node: Node) -> Node:
         return NoFlushFilter(node)
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_query_shows_the_implicit_filters_as_the_nodes_flags(unmap: bool) -> None:
+    """query-named-block-nodes: writethrough and detect-zeroes over a node show as its
+    ``cache.writeback`` and ``detect_zeroes``, as qemu shows those flags."""
+    memory = MemoryNode(MIB)
+    top = WritethroughFilter(DetectZeroesFilter(memory, unmap=unmap))
+    entry = BlockGraph().describe("disk", top)
+    assert entry["drv"] == "memory"
+    assert entry["detect_zeroes"] == ("unmap" if unmap else "on")
+    assert entry["cache"] == {"writeback": False, "direct": False, "no-flush": False}
+    plain = BlockGraph().describe("disk", memory)
+    assert plain["detect_zeroes"] == "off"
+    assert plain["cache"] == {"writeback": True, "direct": False, "no-flush": False}
