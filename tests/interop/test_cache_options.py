@@ -323,3 +323,30 @@ def test_accepted_spellings(pynbd_server: ServerFactory, direct_dir: Path) -> No
         assert direct == (args != ["--aio=threads", "--detect-zeroes=off"])
         qemu_io(srv.uri, "write -P 0x21 7 77", "read -P 0x21 7 77")
         assert srv.stop() == 0
+
+
+def test_snapshot_overlay_inherits_cache_direct(pynbd_server: ServerFactory, direct_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-s --cache=none``: the temporary overlay is opened O_DIRECT as well (qemu's
+    overlay inherits cache.direct), serves the writes, and the image keeps its bytes."""
+    temp = direct_dir / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    image = sparse(direct_dir / "disk.img")
+    qemu_io(image, "write -P 0x42 0 1M")
+    before = Path(image).read_bytes()
+    mirror = sparse(direct_dir / "mirror.img")
+    qemu_io(mirror, "write -P 0x42 0 1M", *WRITES)
+    srv = pynbd_server("-f", "raw", "-s", "--cache=none", image)
+    fds = f"/proc/{srv.proc.pid}/fd"
+    overlay = {os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)
+               if os.readlink(f"{fds}/{fd}").startswith(f"{temp}/vl.")}
+    assert len(overlay) == 1, overlay  # the direct fd and the buffered one of the tail
+    assert any(flags & os.O_DIRECT for flags in open_flags(srv, overlay.pop()))
+    qemu_io(srv.uri, *WRITES)
+    copy = str(direct_dir / "copy.img")
+    run(require_tool("nbdcopy"), srv.uri, copy)
+    assert Path(copy).read_bytes() == Path(mirror).read_bytes()
+    assert srv.stop() == 0
+    assert Path(image).read_bytes() == before
+    assert os.listdir(temp) == []

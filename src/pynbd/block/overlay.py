@@ -12,6 +12,8 @@ Rules of this module:
   ``$TMPDIR``, else ``/var/tmp``, named ``vl.XXXXXXXX``, created exclusively
   with mode 0600; it is unlinked as soon as it is open, so it is gone when the
   server ends, however it ends (the open fd is the only hold on it).
+- It inherits the image's ``cache.direct`` (``--cache none|directsync``), as
+  qemu's temporary overlay inherits its parent's flags.
 - Its flushes do nothing (qemu gives a temporary overlay ``cache.no-flush``):
   data nobody can reopen needs no durability; what connections share is the
   one fd, so multi-conn holds as for any file.
@@ -24,6 +26,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING
 
+from .directfile import DirectFileNode
 from .file import FileNode
 from .qcow2 import Qcow2Node
 from .qcow2.create import create_image
@@ -54,8 +57,13 @@ class TemporaryFile(FileNode):
         return
 
 
-def _temporary_file() -> TemporaryFile:
-    """A new, empty file in ``temp_dir()``, open and already unlinked."""
+class DirectTemporaryFile(TemporaryFile, DirectFileNode):
+    """The overlay's file with ``O_DIRECT``, when the image has ``cache.direct``."""
+
+
+def _temporary_file(direct: bool) -> TemporaryFile:
+    """A new, empty file in ``temp_dir()``, open (``O_DIRECT`` with ``direct``) and
+    already unlinked."""
     directory = temp_dir()
     try:
         fd, path = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)  # mode 0600
@@ -64,7 +72,7 @@ def _temporary_file() -> TemporaryFile:
                            f"'{os.path.join(directory, TEMP_PREFIX)}XXXXXX': "
                            f"{err.strerror or err}") from None
     try:
-        return TemporaryFile(path)
+        return DirectTemporaryFile(path) if direct else TemporaryFile(path)
     except OSError as err:
         raise OverlayError(f"Could not open temporary file '{path}': "
                            f"{err.strerror or err}") from None
@@ -73,15 +81,16 @@ def _temporary_file() -> TemporaryFile:
         os.close(fd)
 
 
-async def open_overlay(graph: BlockGraph, base: Node) -> Qcow2Node:
+async def open_overlay(graph: BlockGraph, base: Node, *, direct: bool = False) -> Qcow2Node:
     """A writable temporary qcow2 overlay over ``base`` (its backing), of ``base``'s
-    size, added to ``graph`` with its file.
+    size, added to ``graph`` with its file; with ``direct`` (the image's
+    ``cache.direct``, which qemu's overlay inherits) the file bypasses the page cache.
 
     Raises:
         OverlayError: the temporary file cannot be made or written, or the base
             is too large for a qcow2 image.
     """
-    file = _temporary_file()
+    file = _temporary_file(direct)
     try:
         await create_image(file, base.size)
         overlay = await Qcow2Node.open(file, backing=base)

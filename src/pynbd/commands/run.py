@@ -202,7 +202,8 @@ async def open_export(config: Config) -> tuple[BlockGraph, Node, list[DirtyBitma
         from ..block.overlay import OverlayError, open_overlay
 
         try:
-            node = await open_overlay(graph, node)
+            node = await open_overlay(graph, node,
+                                      direct=config.cache in ("none", "directsync"))
         except OverlayError as err:
             await graph.close()
             raise UsageError(str(err)) from None
