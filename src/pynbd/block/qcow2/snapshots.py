@@ -109,8 +109,13 @@ def _text(raw: bytes) -> str:
 
 async def read_snapshots(file: Node, header: Header) -> tuple[Snapshot, ...]:
     """The snapshot table of the image in ``file`` (``Qcow2Error`` if it is bad)."""
+    return (await read_snapshot_table(file, header))[0]
+
+
+async def read_snapshot_table(file: Node, header: Header) -> tuple[tuple[Snapshot, ...], int]:
+    """``read_snapshots``, and how many bytes the table takes in the file."""
     if not header.nb_snapshots:
-        return ()
+        return (), 0
     reader = _TableReader(file, header.snapshots_offset)
     found = []
     for index in range(header.nb_snapshots):
@@ -141,7 +146,7 @@ async def read_snapshots(file: Node, header: Header) -> tuple[Snapshot, ...]:
             l1_size=l1_size, date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock,
             vm_state_size=vm_state, disk_size=disk_size, icount=icount,
             extra_data_size=extra_size))
-    return tuple(found)
+    return tuple(found), reader.pos - reader.start
 
 
 def find_snapshot(snapshots: tuple[Snapshot, ...], *, snapshot_id: str | None = None,
