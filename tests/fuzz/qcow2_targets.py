@@ -17,7 +17,8 @@ running longer than ``STALL`` seconds is a finding.
 
 Seeds are images qemu-img makes at seed time (so qemu-img and qemu-io must be
 installed to fuzz): versions 2 and 3, extended L2, compressed clusters, a
-backing file name, an internal snapshot, a lazy-refcounts image left dirty, a
+backing file name, an internal snapshot, lazy-refcounts images left dirty (one with a
+snapshot and a bitmap), a
 persistent bitmap, refcounts of 1 and 64 bits, clusters of 512 bytes to
 64 KiB, each with data, zeroes and holes written by qemu-io.
 """
@@ -161,6 +162,8 @@ _SEEDS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("cluster_size=4k", "1M", ("write -P 0xbb 8k 512",), "bitmap"),
     # a file of MAX_FILE bytes: the write's clusters outgrow the refcount table
     ("cluster_size=512,refcount_bits=64", "4M", ("write -P 0xcc 1M 512",), "pad"),
+    # dirty with a snapshot and a bitmap: the rebuild counts their clusters too
+    ("cluster_size=1k,lazy_refcounts=on", "1M", ("write -P 0xdd 0 3k",), "dirty-all"),
 )
 
 
@@ -210,13 +213,13 @@ def seeds() -> list[bytes]:
             for command in commands:
                 io += ["-c", command]
             _qemu(*io, str(path))
-            if action == "snapshot":
+            if action in ("snapshot", "dirty-all"):
                 _qemu("qemu-img", "snapshot", "-c", "snap1", str(path))
                 _qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x79 0 512", str(path))
-            elif action == "bitmap":
+            if action in ("bitmap", "dirty-all"):
                 _qemu("qemu-img", "bitmap", "--add", str(path), "b0")
             image = bytearray(path.read_bytes())
-            if action == "dirty":
+            if action in ("dirty", "dirty-all"):
                 image[79] |= 1  # incompatible bit 0: refcounts are rebuilt on open
             where, size = (i * 7919) & 0xFFFF, MAX_FILE if action == "pad" else len(image)
             for flags in (0, 1, 2) if action == "backing" else (0, 1):
