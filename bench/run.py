@@ -256,8 +256,9 @@ def start_all(args: argparse.Namespace, per_backend: dict[str, list[str]], image
 
 
 def missing_tools(args: argparse.Namespace) -> list[str]:
+    programs = {"qemu-nbd-uring": "qemu-nbd"}  # server names that are not programs
     missing = [t for t in ("fio", "nbdcopy", "nbdinfo", *args.servers)
-               if t not in ("pynbd", "pynbd-base") and shutil.which(t) is None]
+               if not t.startswith("pynbd") and shutil.which(programs.get(t, t)) is None]
     if "rbd" in args.backends:
         missing += rbdcluster.missing_requirements()
     if "qcow2" in args.backends and shutil.which("qemu-img") is None:
