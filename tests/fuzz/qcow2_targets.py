@@ -18,8 +18,8 @@ running longer than ``STALL`` seconds is a finding.
 Seeds are images qemu-img makes at seed time (so qemu-img and qemu-io must be
 installed to fuzz): versions 2 and 3, extended L2, compressed clusters, a
 backing file name, an internal snapshot, lazy-refcounts images left dirty
-(one with a snapshot and a bitmap), a persistent bitmap, refcounts of 1 and 64 bits, clusters of 512 bytes to
-64 KiB, each with data, zeroes and holes written by qemu-io.
+(one with a snapshot and a bitmap), a persistent bitmap, refcounts of 1 and
+64 bits, clusters of 512 bytes to 64 KiB, each with data, zeroes and holes written by qemu-io.
 """
 
 from __future__ import annotations
