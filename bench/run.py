@@ -87,8 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, help="seconds per fio run (default 10, --quick 3)")
     p.add_argument("--size", type=parse_size, default=parse_size("2G"), help="image size (2G)")
     p.add_argument("--servers", type=_csv(ALL_SERVERS),
-                   default=[s for s in ALL_SERVERS if s != "pynbd-base"],
-                   help="default: all but pynbd-base (which needs --baseline)")
+                   default=[s for s in ALL_SERVERS if s not in ("pynbd-base", "pynbd-metrics")],
+                   help="default: all but pynbd-base (which needs --baseline) and "
+                   "pynbd-metrics (pynbd with --metrics, for the A/B of its cost)")
     p.add_argument("--backends", type=_csv(ALL_BACKENDS), default=list(DEFAULT_BACKENDS),
                    help="file,memory (default) and/or rbd (a throwaway Ceph cluster; pynbd "
                    "and qemu-nbd only) and/or qcow2 (a qcow2 copy per server; pynbd and "

@@ -26,12 +26,16 @@ if TYPE_CHECKING:
 #: "pynbd-base" is pynbd from another checkout (``--baseline DIR``), for A/B runs
 #: "qemu-nbd-uring" is qemu-nbd at its best on files: io_uring, and glibc's malloc
 #: tuned so that 1 MiB buffers are neither mmapped nor trimmed per request
-ALL_SERVERS = ("pynbd", "qemu-nbd", "qemu-nbd-uring", "nbdkit", "nbd-server", "pynbd-base")
-HAS_MEMORY = ("pynbd", "nbdkit", "pynbd-base")  # the others get a fresh sparse raw file
-HAS_RBD = ("pynbd", "qemu-nbd", "pynbd-base")  # nbdkit and nbd-server: no RBD support here
+#: "pynbd-metrics" is pynbd with --metrics (request counting on), for the A/B of its cost
+ALL_SERVERS = ("pynbd", "qemu-nbd", "qemu-nbd-uring", "nbdkit", "nbd-server", "pynbd-base",
+               "pynbd-metrics")
+# the others get a fresh sparse raw file
+HAS_MEMORY = ("pynbd", "nbdkit", "pynbd-base", "pynbd-metrics")
+# nbdkit and nbd-server: no RBD support here
+HAS_RBD = ("pynbd", "qemu-nbd", "pynbd-base", "pynbd-metrics")
 # nbdkit and nbd-server: no qcow2 here
-HAS_QCOW2 = ("pynbd", "qemu-nbd", "qemu-nbd-uring", "pynbd-base")
-PYNBDS = ("pynbd", "pynbd-base")
+HAS_QCOW2 = ("pynbd", "qemu-nbd", "qemu-nbd-uring", "pynbd-base", "pynbd-metrics")
+PYNBDS = ("pynbd", "pynbd-base", "pynbd-metrics")
 #: qemu-nbd-uring's GLIBC_TUNABLES: no mmap/munmap or trim per 1 MiB request buffer
 QEMU_MALLOC_TUNABLES = ("glibc.malloc.mmap_threshold=67108864:"
                         "glibc.malloc.trim_threshold=268435456")
@@ -79,12 +83,13 @@ def server_command(name: str, backend: str, target: str, size: int, sock: Path,
     """
     fmt = "qcow2" if backend == "qcow2" else "raw"
     if name in PYNBDS:
+        # pynbd-metrics: an exporter on a free loopback port (nobody scrapes it)
+        pynbd = [sys.executable, "-m", "pynbd", *(
+            ["--metrics", "127.0.0.1:0"] if name == "pynbd-metrics" else [])]
         if backend == "memory":
-            return [sys.executable, "-m", "pynbd", "-t", "-e", "0", "-k", str(sock),
-                    f"memory:{size}"]
+            return [*pynbd, "-t", "-e", "0", "-k", str(sock), f"memory:{size}"]
         # the format given, as for qemu-nbd (a probed raw image guards its first sector)
-        return [sys.executable, "-m", "pynbd", "-t", "-e", "0", "-k", str(sock), "-f", fmt,
-                target]
+        return [*pynbd, "-t", "-e", "0", "-k", str(sock), "-f", fmt, target]
     if name == "qemu-nbd" and backend == "rbd":
         return ["qemu-nbd", "-f", "raw", "--cache=none", "-e", "8", "-t", "-k", str(sock),
                 target]

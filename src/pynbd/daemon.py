@@ -25,9 +25,11 @@ from .commands.common import (
     write_pid_file,
 )
 from .qmp import schema as s
+from .qmp.commands.stats import metrics_start_arguments
 from .qmp.engine import BLOCK_EXPORT_ADD, BLOCKDEV_ADD, OBJECT_ADD, Engine
 from .qmp.protocol import QMPError
 from .qmp.server import QMPServer
+from .server.metrics import set_counting
 from .server.polling import DEFAULT_POLL_MAX_NS, event_loop_factory
 from .server.runtime import handle_stop_signals
 
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", action="append", default=[], metavar="OPTS",
                    help="add an export, e.g. type=nbd,id=e0,node-name=n0,writable=on")
     p.add_argument("--pid-file", metavar="PATH", help="write the daemon's pid here")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (needs "
+                   "pip install 'pynbd[metrics]'; docs/metrics.md)")
     p.add_argument("--poll-max-ns", type=poll_max_ns_arg, default=DEFAULT_POLL_MAX_NS,
                    metavar="NS", help=POLL_HELP)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
@@ -94,6 +99,8 @@ def _nbd_server_arguments(text: str) -> dict[str, Any]:
 async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
     """Run the start-up options as QMP commands; ``UsageError`` on failure."""
     steps: list[tuple[str, str, Any]] = []
+    if ns.metrics:
+        steps.append(("--metrics", ns.metrics, metrics_start_arguments))
     steps += [("--object", text, _object_arguments) for text in ns.object]
     steps += [("--blockdev", text, lambda t: _blockdev_arguments(s.parse_keyval(t)))
               for text in ns.blockdev]
@@ -102,7 +109,8 @@ async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
     steps += [("--export", text, lambda t: s.coerce(BLOCK_EXPORT_ADD, s.parse_keyval(t)))
               for text in ns.export]
     commands = {"--object": "object-add", "--blockdev": "blockdev-add",
-                "--nbd-server": "nbd-server-start", "--export": "block-export-add"}
+                "--nbd-server": "nbd-server-start", "--export": "block-export-add",
+                "--metrics": "x-pynbd-metrics-start"}
     for option, text, convert in steps:
         try:
             await engine.execute(commands[option], convert(text))
@@ -111,6 +119,7 @@ async def _setup(engine: Engine, ns: argparse.Namespace) -> None:
 
 
 async def _run(ns: argparse.Namespace) -> None:
+    set_counting(True)  # every request, for query-blockstats (and --metrics)
     engine = Engine()
     qmp: QMPServer | None = None
     # before any socket exists: a signal sent as soon as one appears must stop

@@ -33,6 +33,11 @@ Rules of this module:
 - Fleecing (``pynbd.block.fleece``): ``copy-before-write`` needs a tracking
   filter on its source's chain of filters (the daemon's wrapper has one) and
   a writable ``target``; ``snapshot-access`` a copy-before-write ``file``.
+- ``python`` (and a plugin's own driver name) opens a storage plugin
+  (``pynbd.block.plugin``), a protocol node; any other name is unknown.
+- Filters over ``file``: ``throttle`` joins the group its ``throttle-group``
+  names among the caller's ``throttle_groups`` (``pynbd.block.throttle``),
+  ``log`` opens its ``logfile`` (``pynbd.block.logfilter``).
 """
 
 from __future__ import annotations
@@ -51,9 +56,10 @@ from .probe import probe_format
 from .raw import RawNode
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from .node import Node
+    from .throttle import ThrottleGroup
 
 #: the drivers ``build`` knows, by the kind of node they make
 PROTOCOL_DRIVERS = ("file", "host_device", "memory", "rbd")
@@ -84,8 +90,10 @@ def _same(options: Options, role: str) -> Options:
 
 class _Builder:
     def __init__(self, graph: BlockGraph, check_child: Callable[[Options, str], Options],
-                 wrap: Callable[[Node], Node] | None, opened: list[Node]) -> None:
+                 wrap: Callable[[Node], Node] | None, opened: list[Node],
+                 throttle_groups: Mapping[str, ThrottleGroup] | None = None) -> None:
         self.graph = graph
+        self.throttle_groups = throttle_groups or {}
         self.check_child = check_child
         self.wrap = wrap
         self.opened = opened
@@ -124,8 +132,10 @@ class _Builder:
             node = await self.qcow2(options, read_only)
         elif driver in ("copy-before-write", "snapshot-access"):
             node = await self.fleece(options, read_only)
-        else:
-            raise BlockdevError(f"Unknown driver '{driver}'")
+        elif driver in ("throttle", "log"):
+            node = await self.filter(options, read_only)
+        else:  # python, or a plugin's own driver name (pynbd.block.plugin)
+            node = await _plugin(options, read_only)
         self.opened.append(node)
         if driver in PROTOCOL_DRIVERS and _cache(options).get("no-flush"):
             node = NoFlushFilter(node)  # qemu's cache.no-flush: a flag of the node
@@ -226,6 +236,19 @@ class _Builder:
         except ValueError as err:
             raise BlockdevError(str(err)) from None
 
+    async def filter(self, options: Options, read_only: bool) -> Node:
+        """``throttle`` (a member of a throttle group) or ``log`` over ``file``."""
+        from .logfilter import log_node
+        from .throttle import throttle_node
+
+        child = await self.child(options, "file", read_only, options["driver"])
+        try:
+            if options["driver"] == "throttle":
+                return throttle_node(options, child, self.throttle_groups, read_only)
+            return log_node(options, child, read_only)
+        except ValueError as err:
+            raise BlockdevError(str(err)) from None
+
     async def backing_file(self, file: Node, name: str, fmt: str | None) -> Node:
         """Open the image's backing file as qemu does: relative to the image's own
         directory, in ``fmt`` (probed if the image does not say), read-only."""
@@ -291,9 +314,23 @@ def _rbd(options: Options, read_only: bool) -> Node:
         raise BlockdevError(str(err.strerror or err)) from None
 
 
+async def _plugin(options: Options, read_only: bool) -> Node:
+    from .plugin import open_plugin
+    from .pluginload import PluginError, is_plugin_driver
+
+    if options["driver"] != "python" and not is_plugin_driver(options["driver"]):
+        raise BlockdevError(f"Unknown driver '{options['driver']}'")
+    try:
+        return await open_plugin(options, read_only)
+    except PluginError as err:
+        raise BlockdevError(str(err)) from None
+
+
 async def build(graph: BlockGraph, options: Options, opened: list[Node], *,
           check_child: Callable[[Options, str], Options] = _same,
-          wrap: Callable[[Node], Node] | None = None) -> list[tuple[str, Node]]:
+          wrap: Callable[[Node], Node] | None = None,
+          throttle_groups: Mapping[str, ThrottleGroup] | None = None,
+          ) -> list[tuple[str, Node]]:
     """Open the node ``options`` describe and its inline children, children first.
 
     Returns ``(name, node)`` pairs to add to the graph, the top node last.
@@ -304,7 +341,7 @@ async def build(graph: BlockGraph, options: Options, opened: list[Node], *,
     Raises:
         BlockdevError: a node could not be made.
     """
-    builder = _Builder(graph, check_child, wrap, opened)
+    builder = _Builder(graph, check_child, wrap, opened, throttle_groups)
     generated = "node-name" not in options
     name = graph.generated_name() if generated else options["node-name"]
     await builder.node(options, name, generated)

@@ -36,6 +36,7 @@ import errno
 import importlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,9 @@ _Completion = Callable[[int, tuple[Any, ...]], None]
 
 #: open, close and block status (the blocking librbd calls) run here
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="pynbd-rbd")
+
+#: set by pynbd.server.metrics while metrics are on: gets each aio call's ns (start to loop)
+call_timer: Callable[[RbdNode, int], None] | None = None
 
 
 class RbdUnavailable(RuntimeError):
@@ -213,6 +217,8 @@ class RbdNode(Node):
         if handoff is None or handoff.loop is not asyncio.get_running_loop():
             handoff = self._new_handoff()
         put = handoff.put
+        if call_timer is not None:
+            callback = _timed(self, callback, call_timer)
 
         def done(completion: Any, *data: Any) -> None:
             # on a librbd thread: hand over to the loop, nothing else
@@ -433,6 +439,17 @@ def _pin_thread_state() -> None:
     """
     ctypes.pythonapi.PyGILState_Ensure()
     _pinned.done = True
+
+
+def _timed(node: RbdNode, callback: _Completion, timer: Callable[[RbdNode, int], None],
+           ) -> _Completion:
+    start = time.perf_counter_ns()
+
+    def timed(result: int, data: tuple[Any, ...]) -> None:
+        timer(node, time.perf_counter_ns() - start)
+        callback(result, data)
+
+    return timed
 
 
 def _read_result(result: int, data: tuple[Any, ...], offset: int, length: int) -> bytes:

@@ -27,7 +27,9 @@ from ..block.cachemode import WritethroughFilter
 from ..block.detectzeroes import DetectZeroesFilter
 from ..block.faults import FaultFilter
 from ..block.file import FileNode
+from ..block.filterspec import stack_filters
 from ..block.graph import BlockGraph
+from ..block.pluginload import PLUGIN_PREFIX, PluginError, cli_options
 from ..block.probe import probe_format
 from ..block.sizes import parse_size
 from ..block.tracking import TrackingFilter
@@ -41,6 +43,7 @@ from ..server.activation import (
     notify_ready,
 )
 from ..server.listen import listen_tcp, listen_unix
+from ..server.metricsexport import MetricsError, MetricsServer, start_exporter, stop_exporter
 from ..server.polling import event_loop_factory
 from ..server.runtime import handle_stop_signals, wait_at_stop
 from .common import prepare_process, setup_logging, write_pid_file
@@ -82,6 +85,14 @@ def _protocol_options(config: Config) -> tuple[dict[str, Any], bool]:
         read_only = read_only or spec.snapshot is not None  # a snapshot is served read-only
         return {"driver": "rbd", "x-spec": spec, "x-lock": config.rbd_lock,
                 "discard": config.discard, "read-only": read_only, "cache": cache}, read_only
+    if config.image.startswith(PLUGIN_PREFIX):  # a Python plugin: a protocol node
+        try:
+            options, writable = cli_options(config.image[len(PLUGIN_PREFIX):])
+        except PluginError as err:
+            raise UsageError(str(err)) from None
+        read_only = read_only or not writable  # a plugin without write() is read-only
+        return {**options, "discard": config.discard, "read-only": read_only,
+                "cache": cache}, read_only
     return {"driver": "file", "filename": config.image, "discard": config.discard,
             "read-only": read_only, "cache": cache}, read_only
 
@@ -208,6 +219,11 @@ async def open_export(config: Config) -> tuple[BlockGraph, Node, list[DirtyBitma
             await graph.close()
             raise UsageError(str(err)) from None
     node = _top_filters(config, graph, node)
+    try:  # --filter's, in the order given
+        node = await stack_filters(graph, node, config.filters, dict(config.throttle_groups))
+    except BlockdevError as err:
+        await graph.close()
+        raise UsageError(str(err)) from None
     if config.faults:
         faults = FaultFilter(node, fault_rules(config.faults), seed=config.fault_seed)
         graph.add(faults, graph.generated_name())
@@ -295,19 +311,28 @@ async def _main(config: Config, sockets: list[socket.socket],
     """Open the storage in the serving loop (unless ``opened``), say so, serve, then
     close it.  With ``--inetd`` ``sockets`` is the one client's connection."""
     graph, node, bitmaps = opened or await open_export(config)
+    exporter = None
+    if config.metrics is not None:  # before "ready": a bad address fails the start
+        try:
+            exporter = await start_exporter(config.metrics)
+        except MetricsError as err:
+            await graph.close(wait_at_stop)
+            raise UsageError(str(err)) from None
     if config.pid_file:
         write_pid_file(config.pid_file)
     _signal_ready()
     notify_ready()  # systemd's Type=notify: clients can connect now
-    await _serve(config, graph, node, bitmaps, sockets)
+    await _serve(config, graph, node, bitmaps, sockets, exporter)
 
 
 async def _serve(config: Config, graph: BlockGraph, node: Node, bitmaps: list[DirtyBitmap],
-                 sockets: list[socket.socket]) -> None:
+                 sockets: list[socket.socket], exporter: MetricsServer | None = None) -> None:
     exports = ExportTable()
     exports.add(Export(config.export_name, node, description=config.description,
                        read_only=config.read_only, multi_conn=config.shared != 1,
                        allocation_depth=config.allocation_depth, bitmaps=bitmaps))
+    if exporter is not None:  # counting is on: the server made next counts every request
+        exporter.exports = exports.list_exports
     server = Server(exports, max_connections=config.shared, persistent=config.persistent,
                     handshake_limit=config.handshake_limit, max_payload=config.max_payload,
                     tls=config.tls, tls_mode=config.tls_mode)
@@ -323,6 +348,7 @@ async def _serve(config: Config, graph: BlockGraph, node: Node, bitmaps: list[Di
     else:
         await server.start(sockets)
     await server.serve_until_stopped()
+    await stop_exporter(exporter)
     # the connections are gone: flush and close the storage, saying what keeps it waiting
     await graph.close(wait_at_stop)
 

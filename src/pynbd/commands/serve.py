@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..block.faults import FaultRule, parse_fault_spec
+from ..block.filterspec import FilterSpec, parse_filters
 from ..block.sizes import parse_size
 from ..cmdline import Parser, UsageError
 from ..proto.constants import MAX_PAYLOAD, MAX_PAYLOAD_LIMIT, MAX_STRING
 from ..proto.handshake import TlsMode
 from ..qmp.protocol import QMPError
 from ..qmp.schema import parse_keyval
+from ..server.metricsexport import address_argument
 from ..server.polling import DEFAULT_POLL_MAX_NS
 from ..server.tls import (
     AUTHZ_SIMPLE,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ..block.qcow2.snapshots import SnapshotRef
+    from ..block.throttlemath import ThrottleLimits
 
 DEFAULT_PORT = 10809
 MEMORY_PREFIX = "memory:"
@@ -106,6 +109,11 @@ class Config:
     #: -B: dirty bitmaps to offer as qemu:dirty-bitmap:NAME contexts (found on the
     #: image's format node or down its backing chain)
     bitmaps: tuple[str, ...] = ()
+    #: --metrics: serve Prometheus metrics on (host, port), counting every request
+    metrics: tuple[str, int] | None = None
+    #: --filter's filters, nearest the image first, and --object throttle-group's limits
+    filters: tuple[FilterSpec, ...] = ()
+    throttle_groups: tuple[tuple[str, ThrottleLimits], ...] = ()
 
 
 def _nonneg_int(text: str) -> int:
@@ -215,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="pynbd", description="Export a disk image over NBD "
                "(command line compatible with qemu-nbd).")
     p.add_argument("image", metavar="IMAGE",
-                   help="raw image file or block device, memory:SIZE for a RAM disk, or "
-                   "rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] for a Ceph RBD image")
+                   help="raw image file or block device, memory:SIZE for a RAM disk, "
+                   "rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=USER] for a Ceph RBD image, or "
+                   "plugin:FILE_MODULE_OR_NAME[:CLASS][:KEY=VALUE...] for a Python storage "
+                   "plugin (docs/plugins.md)")
     p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
     p.add_argument("-l", "--load-snapshot", metavar="SNAPSHOT",
                    help="export an internal snapshot of a qcow2 image, read-only: "
@@ -279,7 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the NBD URI of the export once listening")
     p.add_argument("--object", action="append", default=[], metavar="SPEC",
                    help="tls-creds-x509,id=ID,dir=DIR[,verify-peer=on] or "
-                   "authz-simple,id=ID,identity=DN (as qemu-nbd)")
+                   "authz-simple,id=ID,identity=DN (as qemu-nbd), or "
+                   "throttle-group,id=ID,limits.iops-total=N,limits.bps-total=SIZE,...")
+    p.add_argument("--filter", action="append", default=[], metavar="SPEC",
+                   help="a filter over the export (repeatable, the first nearest the image): "
+                   "throttle,throttle-group=ID or throttle,iops-total=N,bps-total=SIZE,... "
+                   "or log,logfile=PATH[,logappend=on] (docs/filters.md)")
     p.add_argument("--tls-creds", metavar="ID|DIR",
                    help="TLS credentials: an --object id, or a directory with ca-cert.pem, "
                    "server-cert.pem and server-key.pem")
@@ -296,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cmd=read,errno=EIO,rate=0.5; may be repeated")
     p.add_argument("--fault-seed", type=int, metavar="N",
                    help="seed for the --fault rates (default: random, shown with -v)")
+    p.add_argument("--metrics", type=address_argument, metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (needs "
+                   "pip install 'pynbd[metrics]'; docs/metrics.md)")
     p.add_argument("--poll-max-ns", type=poll_max_ns_arg, default=DEFAULT_POLL_MAX_NS,
                    metavar="NS", help=POLL_HELP)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
@@ -317,7 +335,7 @@ def _parse_objects(specs: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]
         object_id = props.pop("id", None)
         if not isinstance(object_id, str) or not object_id:
             raise UsageError(f"--object {spec}: parameter 'id' is missing")
-        if kind not in (TLS_CREDS_X509, AUTHZ_SIMPLE):
+        if kind not in (TLS_CREDS_X509, AUTHZ_SIMPLE, "throttle-group"):
             raise UsageError(f"--object {spec}: unsupported object type {kind!r}")
         if object_id in objects:
             raise UsageError(f"--object {spec}: duplicate id {object_id!r}")
@@ -386,6 +404,10 @@ def parse_args(argv: Sequence[str]) -> Config:
         if len(text.encode("utf-8")) > MAX_STRING:
             raise UsageError(f"{label} is longer than {MAX_STRING} bytes")
     fault_rules(ns.fault)
+    try:
+        groups, filters = parse_filters(_parse_objects(ns.object), ns.filter)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if ns.fault_seed is not None and not ns.fault:
         raise UsageError("--fault-seed needs --fault")
     if ns.snapshot and ns.load_snapshot is not None:
@@ -402,12 +424,12 @@ def parse_args(argv: Sequence[str]) -> Config:
         socket_path=ns.socket_path, fmt=ns.fmt, offset=ns.offset,
         rbd_lock=ns.rbd_lock, discard=discard, fork=ns.fork, pid_file=ns.pid_file,
         cache=cache, aio=ns.aio, detect_zeroes=ns.detect_zeroes,
-        verbose=ns.verbose,
+        verbose=ns.verbose, metrics=ns.metrics,
         print_uri=ns.print_uri, handshake_limit=ns.handshake_limit, tls=tls,
         tls_mode=tls_mode, faults=tuple(ns.fault), fault_seed=ns.fault_seed,
         poll_max_ns=ns.poll_max_ns, listen_options=_listen_options(ns), inetd=ns.inetd,
         max_payload=ns.max_payload, allocation_depth=ns.allocation_depth,
-        bitmaps=tuple(ns.bitmaps))
+        bitmaps=tuple(ns.bitmaps), filters=filters, throttle_groups=tuple(groups.items()))
 
 
 def fault_rules(specs: Sequence[str]) -> list[FaultRule]:

@@ -27,7 +27,18 @@ from ..server import ExportTable
 from ..server.runtime import wait_at_stop
 from ..server.tls import TlsCredentials, TlsError, TlsObjectError, credentials_from_objects
 from . import schema as s
-from .commands import Command, backup, basic, bitmaps, block, faults, nbd, objects
+from .commands import (
+    Command,
+    backup,
+    basic,
+    bitmaps,
+    block,
+    faults,
+    nbd,
+    objects,
+    stats,
+    throttle,
+)
 from .commands.block import BLOCKDEV_ADD
 from .commands.nbd import BLOCK_EXPORT_ADD
 from .commands.objects import OBJECT_ADD
@@ -35,6 +46,8 @@ from .protocol import QMPError, generic_error
 
 if TYPE_CHECKING:
     from ..block.node import Node
+    from ..block.throttle import ThrottleGroup
+    from ..server.metricsexport import MetricsServer
     from .state import ExportEntry, NbdServer
 
 __all__ = ["BLOCKDEV_ADD", "BLOCK_EXPORT_ADD", "COMMAND_SETS", "OBJECT_ADD", "Engine"]
@@ -47,7 +60,7 @@ EventSink = Callable[[str, dict[str, JSON]], None]
 #: every command the daemon serves, by area
 COMMAND_SETS: tuple[tuple[Command, ...], ...] = (
     basic.COMMANDS, block.COMMANDS, nbd.COMMANDS, objects.COMMANDS, faults.COMMANDS,
-    bitmaps.COMMANDS, backup.COMMANDS)
+    bitmaps.COMMANDS, backup.COMMANDS, throttle.COMMANDS, stats.COMMANDS)
 
 
 def _command_table(command_sets: Iterable[Iterable[Command]]) -> dict[str, Command]:
@@ -77,6 +90,10 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
         #: user-creatable objects (object-add): id -> (qom-type, properties)
         self.objects: dict[str, tuple[str, dict[str, JSON]]] = {}
+        #: the Prometheus exporter (x-pynbd-metrics-start, --metrics), while it runs
+        self.metrics_exporter: MetricsServer | None = None
+        #: the live throttle groups among them (``throttle-group``), by id
+        self.throttle_groups: dict[str, ThrottleGroup] = {}
         #: the commands this engine runs, by name
         self.commands: Mapping[str, Command] = _command_table(command_sets)
 
@@ -114,6 +131,9 @@ class Engine:
 
     async def close(self) -> None:
         """Stop the NBD server and close every node (daemon exit)."""
+        if self.metrics_exporter is not None:
+            await self.metrics_exporter.close()
+            self.metrics_exporter = None
         if self.nbd is not None:
             await self.stop_nbd()
         for task in list(self._background):

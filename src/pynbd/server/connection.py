@@ -60,6 +60,7 @@ from ..proto.transmission import ServerTransmission
 from .connstate import READ, WRITE, ConnectionStats
 from .fastpath import FastPath
 from .handlers import Handlers
+from .metrics import handshake_failed
 from .writer import Writer
 
 if TYPE_CHECKING:
@@ -201,6 +202,7 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
                 self._negotiate()
         except ProtocolError as err:
             log.info("%s: protocol error: %s", self.peer, err)
+            self._handshake_failed("protocol_error")
             self._abort()
 
     def eof_received(self) -> bool | None:
@@ -214,6 +216,7 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
         if self._lost:
             return  # _start_tls may have reported it already
         self._lost = True
+        self._handshake_failed("disconnected")
         self._closing = True
         self._cancel_handshake_timer()
         if self._core is not None:
@@ -286,6 +289,8 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
         self._cancel_handshake_timer()
         if isinstance(event, HandshakeClosed):
             log.info("%s: %s", self.peer, event.reason)
+            if not event.graceful:
+                handshake_failed("refused")
             self._transport.close()
         elif isinstance(event, HandshakeDone):
             self._start_transmission(event)
@@ -303,6 +308,7 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
                 ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as err:
             log.info("%s: TLS handshake failed: %s", self.peer, err)
+            self._handshake_failed("tls")
             transport.abort()
             # asyncio does not tell the protocol when the peer resets the
             # connection mid-handshake: without this it would keep its slot
@@ -317,6 +323,7 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
             if credentials is not None else None
         if problem is not None:
             log.info("%s: %s", self.peer, problem)
+            self._handshake_failed("tls")
             tls_transport.abort()
             return
         core.tls_started()
@@ -324,11 +331,19 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
             self._negotiate()
         except ProtocolError as err:
             log.info("%s: protocol error: %s", self.peer, err)
+            self._handshake_failed("protocol_error")
             self._abort()
 
     def _handshake_expired(self) -> None:
         log.info("%s: did not negotiate within %s s", self.peer, self.host.handshake_limit)
+        self._handshake_failed("timeout")
         self._abort()
+
+    def _handshake_failed(self, reason: str) -> None:
+        """Count a handshake that ends without transmission (once: it is over)."""
+        if self._handshake is not None:
+            self._handshake = None
+            handshake_failed(reason)
 
     def _cancel_handshake_timer(self) -> None:
         if self._handshake_timer is not None:
@@ -385,13 +400,13 @@ class Connection(FastPath, Handlers, Writer, asyncio.BufferedProtocol):
                     break
                 if isinstance(event, Request):
                     if self._shutting_down:
-                        out += core.reply_error(event.cookie, Errno.ESHUTDOWN,
-                                                "server is shutting down")
+                        out += self._reject(core, event.cookie, event.cmd, Errno.ESHUTDOWN,
+                                            "server is shutting down")
                     elif not (self._try_inline(core, event, out)
                               or (self._direct_io and self._try_direct(core, event))):
                         self._spawn(core, event)
                 elif isinstance(event, InvalidRequest):
-                    out += core.reply_error(event.cookie, event.errno, event.message)
+                    out += self._reject(core, event.cookie, event.cmd, event.errno, event.message)
                 elif isinstance(event, Disconnect):
                     self._stop_reading()
         except ProtocolError as err:

@@ -23,6 +23,8 @@ from pynbd.proto.constants import (
 )
 from pynbd.proto.negotiated import transmission_flags
 
+from .metrics import ExportMetrics
+
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
@@ -66,6 +68,8 @@ class Export:
         self.multi_conn = multi_conn and one_store(node)
         #: connections currently in the transmission phase on this export
         self.clients = 0
+        #: its request counters (``server.metrics``; filled only while counting is on)
+        self.metrics = ExportMetrics()
         #: the metadata contexts offered; a context's id is its index
         self.meta_contexts: tuple[str, ...] = (BASE_ALLOCATION,) + (
             (ALLOCATION_DEPTH,) if allocation_depth else ()) + tuple(

@@ -75,12 +75,21 @@ class Handlers(ConnectionState):
         errno = nbd_errno(error.errno, cmd=request.cmd, flags=request.flags)
         return core.reply_error(request.cookie, errno, error.strerror or str(error))
 
-    async def _serve(self, core: ServerTransmission, request: Request) -> None:
-        """Run one request as a task: its handler, then its reply (or error reply)."""
+    def _reject(self, core: ServerTransmission, cookie: int, cmd: int, errno: Errno,
+                message: str) -> list[Buffer]:
+        """The error reply for a request answered without the node (invalid, or
+        the server is shutting down); ``server.metrics`` counts it."""
+        return core.reply_error(cookie, errno, message)
+
+    async def _serve(self, core: ServerTransmission, request: Request) -> bool:
+        """Run one request as a task: its handler, then its reply (or error reply);
+        True if it failed."""
         stats = self.stats
         stats.requests += 1
+        failed = True
         try:
             reply = await self._handlers[request.cmd](request)
+            failed = False
             if request.cmd == Cmd.READ:
                 stats.bytes_read += request.length
             elif request.cmd == Cmd.WRITE:
@@ -90,8 +99,9 @@ class Handlers(ConnectionState):
             reply = self._error_reply(core, request, err)
         except Exception as err:  # a node bug must not kill the connection
             log.exception("%s: request %s failed", self.peer, Cmd(request.cmd).name)
-            reply = core.reply_error(request.cookie, Errno.EIO, str(err))
+            reply = self._error_reply(core, request, OSError(Errno.EIO, str(err)))
         self._send_if_open(reply)
+        return failed
 
     # -- command handlers ---------------------------------------------------------------
 

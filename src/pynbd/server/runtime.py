@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 from ..proto.constants import MAX_PAYLOAD
 from ..proto.handshake import TlsMode
 from .connection import Connection
+from .metrics import Metered, counting
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -84,6 +85,11 @@ def handle_stop_signals(stopping: Callable[[], bool], request_stop: Callable[[],
         loop.add_signal_handler(sig, on_signal)
 
 
+class MeteredConnection(Metered, Connection):
+    """A ``Connection`` counting its requests in its export's ``ExportMetrics``
+    (``server.metrics``): what a ``Server`` made while counting is on serves with."""
+
+
 class Server:
     """Serves an ``ExportTable`` on one or more listening sockets.
 
@@ -123,6 +129,8 @@ class Server:
         self.persistent = persistent
         self.handshake_limit = handshake_limit
         self.max_payload = max_payload
+        if counting():
+            self.connection_class = MeteredConnection
         #: admitted connections (they count against ``max_connections``)
         self.connections: set[Connection] = set()
         #: every open connection, refused ones included

@@ -14,21 +14,28 @@ Rules of this module:
   of a node that exports already use (a failed injected write never reaches
   the node, nor its bitmaps).
 - A failed ``blockdev-add`` leaves nothing behind, not even inline children.
+- The drivers are a fixed table plus the storage plugins' own names, looked up
+  when a command names a driver (``_Drivers``), so that an installed plugin's
+  name works as a driver at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ...block.blockdev import add_all, build
 from ...block.faults import FaultFilter
 from ...block.graph import GraphError, shown
+from ...block.pluginload import is_plugin_driver, plugin_drivers
 from ...block.tracking import TrackingFilter, bitmaps_of
 from .. import schema as s
 from ..protocol import generic_error
 from . import JSON, NODE_NAME, Command
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ...block.node import Node
     from ..engine import Engine
 
@@ -58,14 +65,46 @@ _CBW = s.Struct({"file": object, "target": object,
                  "cbw-timeout": int, "min-cluster-size": int},
                 frozenset({"bitmap", "on-cbw-error", "cbw-timeout", "min-cluster-size"}))
 _SNAPSHOT_ACCESS = s.Struct({"file": object})
+# qemu's BlockdevOptionsThrottle, and pynbd's log filter (pynbd.block.logfilter)
+_THROTTLE = s.Struct({"throttle-group": str, "file": object})
+_LOG = s.Struct({"file": object, "logfile": str, "logappend": bool}, frozenset({"logappend"}))
 _COMMON = {"node-name": str, "read-only": bool}
+# storage plugins (pynbd.block.plugin): driver "python" names one in "plugin"; an
+# installed plugin's own driver name (entry point group pynbd.plugins) takes the rest
+_PLUGIN_KEYS: dict[str, s.Type] = {
+    "options": object, "timeout": int, "discard": s.Enum(("ignore", "unmap")),
+    "cache": _FILE.members["cache"]}
+_PLUGIN = s.Struct(_PLUGIN_KEYS, frozenset(_PLUGIN_KEYS))
+_PYTHON = s.Struct({"plugin": str, **_PLUGIN_KEYS}, frozenset(_PLUGIN_KEYS))
 
 
 def _node_variant(extra: s.Struct) -> s.Struct:
     return s.Struct({**_COMMON, **extra.members}, frozenset({"read-only"}) | extra.optional)
 
 
-BLOCKDEV_ADD = s.Union_("driver", {
+class _Drivers(Mapping[str, s.Struct]):
+    """The drivers blockdev-add takes: pynbd's own, then every installed plugin's
+    name, looked up when asked (``pip install`` a plugin and its name works)."""
+
+    def __init__(self, own: dict[str, s.Struct]) -> None:
+        self._own = own
+        self._plugin = _node_variant(_PLUGIN)
+
+    def __getitem__(self, name: str) -> s.Struct:
+        if name in self._own:
+            return self._own[name]
+        if is_plugin_driver(name):
+            return self._plugin
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._own, *(name for name in plugin_drivers() if name not in self._own)])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+BLOCKDEV_ADD = s.Union_("driver", _Drivers({
     "file": _node_variant(_FILE),
     "raw": _node_variant(_RAW),
     "memory": _node_variant(_MEMORY),
@@ -73,7 +112,10 @@ BLOCKDEV_ADD = s.Union_("driver", {
     "qcow2": _node_variant(_QCOW2),
     "copy-before-write": _node_variant(_CBW),
     "snapshot-access": _node_variant(_SNAPSHOT_ACCESS),
-})
+    "python": _node_variant(_PYTHON),
+    "throttle": _node_variant(_THROTTLE),
+    "log": _node_variant(_LOG),
+}))
 
 
 def _implicit_filters(node: Node) -> Node:
@@ -93,7 +135,7 @@ async def _blockdev_add(engine: Engine, args: dict[str, JSON]) -> JSON:
     async with engine.graph_lock:
         try:
             made = await build(engine.graph, args, opened, check_child=check_child,
-                               wrap=_implicit_filters)
+                               wrap=_implicit_filters, throttle_groups=engine.throttle_groups)
         except BaseException as err:
             for node in reversed(opened):  # a failed command leaves nothing behind
                 await node.close()
