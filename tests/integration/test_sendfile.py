@@ -1,8 +1,9 @@
 """Large reads of a file or memory export go out with sendfile, whole and in order.
 
 A server runs in-process over a ``FileNode``, a ``MemoryNode`` (a memfd),
-or a file seen through ``RawNode`` (``-o``) or ``FaultFilter`` (every
-node of ``pynbd daemon``); a raw client floods it with
+a file seen through ``RawNode`` (``-o``) or ``FaultFilter`` (every
+node of ``pynbd daemon``), or a qcow2 image whose clusters follow each
+other in its file (one lookup finds the run to send); a raw client floods it with
 1 MiB reads it does not collect at first, so the socket fills up part way
 through a reply (the rest is then queued the ordinary way), and checks every
 byte of every reply afterwards.  The backend's ``sendfile_source`` answers None for
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
+import subprocess
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,6 +25,7 @@ from tests.support.inprocess import open_raw, serving
 from pynbd.block import FileNode, MemoryNode, Node, RawNode, fileio
 from pynbd.block.faults import FaultFilter, parse_fault_spec
 from pynbd.block.graph import close_subtree
+from pynbd.block.qcow2 import Qcow2Node
 from pynbd.proto import wire
 from pynbd.proto.constants import (
     REQUEST_MAGIC,
@@ -36,6 +40,8 @@ if TYPE_CHECKING:
 
 MIB = 1 << 20
 SIZE = 16 * MIB
+needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
+                                    reason="qemu-img makes the qcow2 image")
 TIMEOUT = 30.0
 
 
@@ -61,13 +67,22 @@ async def open_backend(kind: str, tmp_path: Path) -> tuple[Node, bytes]:
         return memory, content
     if kind == "file-offset":
         return RawNode(FileNode(image), offset=WINDOW), content[WINDOW:]
+    if kind == "qcow2":  # qemu-img's copy: every cluster allocated, one after another
+        converted = tmp_path / "disk.qcow2"
+        await asyncio.to_thread(
+            subprocess.run, ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image,
+                             str(converted)], check=True, capture_output=True)
+        with converted.open("rb") as fh:  # into the page cache
+            fh.read()
+        return await Qcow2Node.open(FileNode(str(converted))), content
     if kind == "file-faults":  # a rule that never picks a read
         return FaultFilter(FileNode(image), [parse_fault_spec("cmd=flush,errno=EIO")]), \
             content
     return FileNode(image), content
 
 
-@pytest.mark.parametrize("kind", ["file", "memory", "file-offset", "file-faults"])
+@pytest.mark.parametrize("kind", ["file", "memory", "file-offset", "file-faults",
+                                  pytest.param("qcow2", marks=needs_qemu_img)])
 def test_flooded_large_reads_are_whole_and_correct(tmp_path: Path, kind: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     backend_class: type[FileNode | MemoryNode] = (

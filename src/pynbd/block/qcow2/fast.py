@@ -1,7 +1,11 @@
 """The qcow2 node's fast paths: reads and in-place writes answered on the spot.
 
 Owns ``Qcow2Fast`` (a base of ``Qcow2Node``): ``pread_nowait`` and
-``pwrite_nowait`` (the ``NowaitIO`` protocol of ``pynbd.block.node``).  A
+``pwrite_nowait`` (the ``NowaitIO`` protocol of ``pynbd.block.node``),
+``sendfile_source`` (reads of one contiguous host run go from the file to the
+socket), and ``in_place``, which the write path asks first.  A range whose
+clusters follow each other in the file is found with one lookup
+(``contiguous``), whatever its length.  A
 request whose clusters are all described by L2 tables already in memory, and
 that needs nothing but the file's bytes (reads: data, zero or unallocated
 clusters without a backing node; writes: data clusters with refcount 1,
@@ -37,17 +41,49 @@ class Qcow2Fast(Qcow2Reader):
     _file_read: Callable[[memoryview, int], bool] | None = None
     _file_write: Callable[[Data, int], bool] | None = None
 
+    _file_sendfile: Callable[[int, int, bool], tuple[int, int] | None] | None = None
+
     def _overlaps(self, host: int) -> bool:
         """Whether a data write to ``host`` would hit metadata (see ``Qcow2Metadata``)."""
         return False
 
+    def _overlaps_range(self, host: int, length: int) -> bool:
+        size = self.cluster_size
+        first = host & ~(size - 1)
+        return any(self._overlaps(cluster) for cluster in range(first, host + length, size))
+
+    def in_place(self, offset: int, length: int) -> int:
+        """Where a write of the range goes in place as one run (``contiguous`` with
+        COPIED, inside the file, no metadata hit, the image prepared), or 0."""
+        host = self.contiguous(offset, length, copied=True) if self._prepared else 0
+        if not host or host + length > self.file.size or self._overlaps_range(host, length):
+            return 0
+        return host
+
     def fast_paths(self) -> FastPaths:
-        """Nowait reads and writes where the file has them (a file, a RAM disk)."""
+        """Nowait reads and writes where the file has them (a file, a RAM disk), and
+        sendfile for reads of one contiguous run where the file offers it."""
         paths = self.file.fast_paths()
         self._file_read, self._file_write = paths.pread_nowait, paths.pwrite_nowait
+        self._file_sendfile = paths.sendfile_source
         return FastPaths(
             pread_nowait=self.pread_nowait if paths.pread_nowait is not None else None,
-            pwrite_nowait=self.pwrite_nowait if paths.pwrite_nowait is not None else None)
+            pwrite_nowait=self.pwrite_nowait if paths.pwrite_nowait is not None else None,
+            sendfile_source=(self.sendfile_source if paths.sendfile_source is not None
+                             else None))
+
+    def sendfile_source(self, offset: int, length: int,
+                        data_only: bool) -> tuple[int, int] | None:
+        """The file's ``sendfile_source`` for the range's one contiguous host run.
+
+        The server sends it, and reads what the socket did not take, in the same
+        call, with no ``await`` after this lookup: no cluster can be freed or
+        reused in between, so the epoch need not count it."""
+        source = self._file_sendfile
+        host = self.contiguous(offset, length, copied=False)
+        if source is None or not host or host + length > self.file.size:
+            return None
+        return source(host, length, data_only)
 
     def _runs(self, offset: int, length: int, *, write: bool) -> list[list[int]] | None:
         """``[guest offset, length, host offset]`` runs covering the range (host 0:
@@ -102,6 +138,9 @@ class Qcow2Fast(Qcow2Reader):
         view = as_bytes(buf)
         if read is None or not view:
             return False
+        host = self.contiguous(offset, len(view), copied=False)
+        if host and host + len(view) <= self.file.size:
+            return read(view, host)
         runs = self._runs(offset, len(view), write=False)
         if runs is None:
             return False
@@ -118,6 +157,9 @@ class Qcow2Fast(Qcow2Reader):
         view = as_bytes(data)
         if write is None or not self._prepared or not view:
             return False
+        host = self.in_place(offset, len(view))
+        if host:
+            return write(view, host)
         runs = self._runs(offset, len(view), write=True)
         if runs is None:
             return False

@@ -49,7 +49,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from ..fileio import ZEROES, as_bytes
-from ..node import Capabilities, FastZeroUnsupported, Growable, Node
+from ..node import Capabilities, FastZeroUnsupported, Node
 from .bitmapstore import PersistentBitmaps, StoredBitmaps
 from .entries import ALL_SUB, COPIED, compressed_host_clusters, encode, have_zstd
 from .header import (
@@ -241,23 +241,6 @@ class Qcow2Node(Qcow2Metadata, PersistentBitmaps):
         if len(self._to_release) >= RELEASE_BATCH:
             await self._apply_releases()
 
-    async def _writable_in_place(self, mapping: Mapping) -> bool:
-        if mapping.compressed or not mapping.host:
-            return False
-        if self._overlaps(mapping.host):
-            raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} overlaps "
-                          f"metadata (the image is corrupt)")
-        if mapping.host + self.cluster_size > self.file.size:
-            if mapping.host >= self.file.size or not isinstance(self.file, Growable):
-                raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} lies "
-                              f"past the end of the file")
-            # qemu-img leaves the file ending inside a last cluster whose tail is
-            # unallocated (extended L2): its file grows to hold the whole cluster
-            await self.file.grow(mapping.host + self.cluster_size)
-        if mapping.copied:
-            return True
-        return await self.refcounts.get(mapping.host >> self.cluster_bits) == 1
-
     # -- writes -----------------------------------------------------------------
 
     async def pwrite(self, data: Data, offset: int, *, fua: bool = False) -> None:
@@ -267,12 +250,15 @@ class Qcow2Node(Qcow2Metadata, PersistentBitmaps):
         epoch = self.epoch  # in place, no lock: counted until the writes are done
         epoch[0] += 1
         try:
-            pieces = await self.walk(offset, len(view))
+            host = self.in_place(offset, len(view))  # one run: no walk, checked
+            pieces = await self.walk(offset, len(view)) if not host else []
             limit = self.file.size
-            in_place = self._prepared and all(
+            in_place = bool(host) or (self._prepared and all(
                 p.kind is Kind.DATA and p.copied and p.host + p.length <= limit
-                and not self._overlaps_range(p.host, p.length) for p in pieces)
-            if in_place:
+                and not self._overlaps_range(p.host, p.length) for p in pieces))
+            if host:
+                await self.file.pwrite(view, host)
+            elif in_place:
                 for piece in pieces:  # every cluster allocated with refcount 1: in place
                     start = piece.offset - offset
                     await self.file.pwrite(view[start:start + piece.length], piece.host)

@@ -36,14 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import struct
 from typing import TYPE_CHECKING
 
+from ..node import Growable
 from .entries import OFFSET_MASK
 from .fast import Qcow2Fast
 
 if TYPE_CHECKING:
     from ..node import Node
+    from .entries import Mapping
     from .header import Header
     from .refcount import Refcounts
 
@@ -112,16 +115,36 @@ class Qcow2Metadata(Qcow2Fast):
         return (host in self._static_meta or host in self._l2_tables
                 or host in self.refcounts.meta)
 
+    def _overlaps_range(self, host: int, length: int) -> bool:
+        """``_overlaps`` for every cluster of a run, each set searched in C."""
+        size = self.cluster_size
+        clusters = range(host & ~(size - 1), host + length, size)
+        return not (self._static_meta.isdisjoint(clusters)
+                    and self._l2_tables.isdisjoint(clusters)
+                    and self.refcounts.meta.isdisjoint(clusters))
+
     def metadata_moved(self, added: set[int], removed: set[int]) -> None:
         """Metadata that is not an L2 or refcount structure moved (the bitmap
         directory): the overlap check follows it."""
         self._static_meta |= added
         self._static_meta -= removed
 
-    def _overlaps_range(self, host: int, length: int) -> bool:
-        size = self.cluster_size
-        first = host & ~(size - 1)
-        return any(self._overlaps(cluster) for cluster in range(first, host + length, size))
+    async def _writable_in_place(self, mapping: Mapping) -> bool:
+        if mapping.compressed or not mapping.host:
+            return False
+        if self._overlaps(mapping.host):
+            raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} overlaps "
+                          f"metadata (the image is corrupt)")
+        if mapping.host + self.cluster_size > self.file.size:
+            if mapping.host >= self.file.size or not isinstance(self.file, Growable):
+                raise OSError(errno.EIO, f"qcow2: data cluster {mapping.host:#x} lies "
+                              f"past the end of the file")
+            # qemu-img leaves the file ending inside a last cluster whose tail is
+            # unallocated (extended L2): its file grows to hold the whole cluster
+            await self.file.grow(mapping.host + self.cluster_size)
+        if mapping.copied:
+            return True
+        return await self.refcounts.get(mapping.host >> self.cluster_bits) == 1
 
     @property
     def _too_dirty(self) -> bool:

@@ -70,7 +70,11 @@ class _Qcow2Contract(NodeContract):
         assert list(stack.protocol.children) == ["file"]
 
     def test_layers_keep_every_fast_path(self, stack: Stack) -> None:
-        offered = {"pread_nowait", "pwrite_nowait"}  # its file (memory, file) has them
+        # its file's nowait calls and sendfile, where the file (memory, file) has them
+        assert isinstance(stack.protocol, Qcow2Node)
+        offered = ({"pread_nowait", "pwrite_nowait", "sendfile_source"}
+                   & _offered(stack.protocol.file.fast_paths()))
+        assert {"pread_nowait", "pwrite_nowait"} <= offered
         assert _offered(stack.protocol.fast_paths()) == offered
         assert _offered(stack.top.resolve().fast_paths()) == offered
         assert _offered(stack.top.fast_paths()) == offered
