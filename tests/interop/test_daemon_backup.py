@@ -739,6 +739,8 @@ def test_refusals_events_and_an_undone_transaction(
                 "GenericError: Node 'tmp' is busy: block device is in use by block job: backup")
             assert await fails(client, "blockdev-del", {"node-name": "tmp"}) == (
                 "GenericError: Node 'tmp' is busy: in use by node 'fl'")
+            assert await fails(client, "blockdev-del", {"node-name": "fl"}) == (
+                "GenericError: Node fl is not owned by the monitor")
             assert await fails(client, "blockdev-del", {"node-name": "disk"}) == (
                 "GenericError: Node 'disk' is busy: in use by block export 'w', node 'tmp', "
                 "node 'fl'")
@@ -769,3 +771,39 @@ def test_refusals_events_and_an_undone_transaction(
     assert daemon.proc.wait(T) == 0
     tool("qemu-img", "check", "-q", str(work))
     tool("qemu-img", "check", "-q", str(disk))
+
+
+def test_generic_job_commands_see_and_cancel_backup_jobs(
+        start: Callable[[], Daemon], tmp_path: Path) -> None:
+    """``query-jobs`` and ``job-cancel``, qemu's generic job commands (libvirt's newer
+    backup code uses them), on the same jobs as ``query-block-jobs``."""
+    daemon = start()
+    disk = tmp_path / "disk.qcow2"
+    make_disk(disk)
+
+    async def main() -> None:
+        async with qmp_session(daemon.qmp) as client:
+            await setup(client, daemon, disk)
+            await scratch(client, tmp_path / "scratch.qcow2", "tmp")
+            assert await qmp(client, "query-jobs") == []
+            await qmp(client, "blockdev-backup", {"job-id": "j", "device": "disk",
+                                                  "target": "tmp", "sync": "none"})
+            tool("qemu-io", "-f", "raw", "-c", "write -P 2 1M 64k", daemon.uri("w"))
+            assert await qmp(client, "query-jobs") == [
+                {"id": "j", "type": "backup", "status": "running",
+                 "current-progress": GRANULE, "total-progress": SIZE}]
+            assert await fails(client, "job-cancel", {"id": "zz"}) == (
+                "GenericError: Job not found")
+            await qmp(client, "job-cancel", {"id": "j"})
+            events = await events_until(client, "JOB_STATUS_CHANGE", id="j", status="null")
+            assert ("BLOCK_JOB_CANCELLED", {"type": "backup", "device": "j", "len": SIZE,
+                                            "offset": GRANULE, "speed": 0}) in events
+            assert await qmp(client, "query-jobs") == []
+            assert await qmp(client, "query-block-jobs") == []
+            assert await fails(client, "job-cancel", {"id": "j"}) == (
+                "GenericError: Job not found")
+            await qmp(client, "blockdev-del", {"node-name": "tmp"})
+            await qmp(client, "quit")
+
+    asyncio.run(main())
+    assert daemon.proc.wait(T) == 0

@@ -1,5 +1,6 @@
 """Backup jobs: ``blockdev-backup`` (a command, and an action of ``transaction``),
-``query-block-jobs`` and ``block-job-cancel``.
+``query-block-jobs`` and ``block-job-cancel``, and the generic job commands
+``query-jobs`` and ``job-cancel`` over the same jobs.
 
 pynbd runs qemu's pull-mode backup, *fleecing*: ``blockdev-backup`` with
 ``sync: none``, the job libvirt's pull-mode backup starts.  The job freezes a
@@ -78,6 +79,7 @@ BLOCKDEV_BACKUP = s.Struct(
     frozenset({"job-id", "speed", "bitmap", "bitmap-mode", "compress", "on-source-error",
                "on-target-error", "auto-finalize", "auto-dismiss", "filter-node-name"}))
 BLOCK_JOB_CANCEL = s.Struct({"device": str, "force": bool}, frozenset({"force"}))
+JOB_CANCEL = s.Struct({"id": str})
 
 Args = dict[str, Any]
 
@@ -112,6 +114,12 @@ class BackupJob:
                 "offset": copied, "busy": False, "paused": False, "speed": 0,
                 "io-status": "ok", "ready": False, "status": self.status,
                 "auto-finalize": True, "auto-dismiss": True}
+
+    def job_info(self) -> dict[str, JSON]:
+        """qemu's JobInfo (``query-jobs``)."""
+        return {"id": self.id, "type": "backup", "status": self.status,
+                "current-progress": min(self.cbw.done.count(), self.cbw.size),
+                "total-progress": self.cbw.size}
 
 
 _JOBS: weakref.WeakKeyDictionary[Engine, dict[str, BackupJob]] = weakref.WeakKeyDictionary()
@@ -255,10 +263,25 @@ async def _query_block_jobs(engine: Engine, args: Args) -> JSON:
     return [job.info() for job in jobs(engine).values()]
 
 
+async def _query_jobs(engine: Engine, args: Args) -> JSON:
+    return [job.job_info() for job in jobs(engine).values()]
+
+
 async def _block_job_cancel(engine: Engine, args: Args) -> JSON:
     job = jobs(engine).get(args["device"])
     if job is None:
         raise QMPError("DeviceNotActive", f"Block job '{args['device']}' not found")
+    return _cancel(engine, job)
+
+
+async def _job_cancel(engine: Engine, args: Args) -> JSON:
+    job = jobs(engine).get(args["id"])
+    if job is None:
+        raise generic_error("Job not found")
+    return _cancel(engine, job)
+
+
+def _cancel(engine: Engine, job: BackupJob) -> JSON:
     if job.status != "running":
         raise generic_error(f"Job '{job.id}' in state '{job.status}' cannot accept command "
                             "verb 'cancel'")
@@ -290,4 +313,6 @@ async def _finish(engine: Engine, job: BackupJob) -> None:
 COMMANDS = (
     Command("query-block-jobs", NO_ARGS, _query_block_jobs),
     Command("block-job-cancel", BLOCK_JOB_CANCEL, _block_job_cancel),
+    Command("query-jobs", NO_ARGS, _query_jobs),
+    Command("job-cancel", JOB_CANCEL, _job_cancel),
 )

@@ -32,6 +32,7 @@ from ...block.tracking import TrackingFilter, bitmaps_of
 from .. import schema as s
 from ..protocol import generic_error
 from . import JSON, NODE_NAME, Command
+from .backup import jobs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -152,6 +153,9 @@ async def _blockdev_del(engine: Engine, args: dict[str, JSON]) -> JSON:
         node = engine.graph.get(name)
         if node is None:
             raise generic_error(f"Failed to find node with node-name='{name}'")
+        if any(job.filter_name == name for job in jobs(engine).values()):
+            # a job's filter is the job's, not the monitor's (qemu's words)
+            raise generic_error(f"Node {name} is not owned by the monitor")
         users = engine.users(node)
         if users:
             raise generic_error(f"Node '{name}' is busy: in use by {', '.join(users)}")
