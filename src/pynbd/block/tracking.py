@@ -104,6 +104,9 @@ class TrackingFilter(FilterNode):
             self._done(generation)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        if not self.child.capabilities.can_trim:  # a no-op below (discard=ignore):
+            await self.child.trim(offset, length, fua=fua)  # nothing changes, as in qemu
+            return
         generation = await self._before(offset, length)
         try:
             await self.child.trim(offset, length, fua=fua)

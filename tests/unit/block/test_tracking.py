@@ -4,11 +4,16 @@ fast paths too) and runs the before-write hooks first."""
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from pynbd.block.bitmap import DirtyBitmap
+from pynbd.block.file import FileNode
 from pynbd.block.memory import MemoryNode
 from pynbd.block.node import read
 from pynbd.block.tracking import TrackingFilter, bitmaps_of
+
+if TYPE_CHECKING:
+    import pathlib
 
 SIZE = 1 << 20
 G = 4096
@@ -40,6 +45,26 @@ def test_every_change_marks_enabled_bitmaps() -> None:
         assert paths.pread_nowait == node.fast_paths().pread_nowait  # reads untouched
 
     asyncio.run(body())
+
+
+def test_trims_that_discard_nothing_mark_nothing(tmp_path: pathlib.Path) -> None:
+    """A trim on a node that ignores trims (discard=ignore) changes no data, so no
+    bitmap records it (qemu returns before its dirty bitmaps see the discard)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\1" * SIZE)
+
+    async def body(discard: bool) -> list[tuple[int, int]]:
+        file = FileNode(str(path), discard=discard)
+        try:
+            bitmap = DirtyBitmap("b", SIZE, G)
+            bitmaps_of(file).add(bitmap)
+            await TrackingFilter(file).trim(4 * G, 2 * G)
+            return bitmap.dirty_runs(0, SIZE)
+        finally:
+            await file.close()
+
+    assert asyncio.run(body(False)) == []
+    assert asyncio.run(body(True)) == [(4 * G, 2 * G)]
 
 
 def test_bitmaps_added_later_are_marked_through_old_fast_paths() -> None:
