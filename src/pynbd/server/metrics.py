@@ -70,12 +70,26 @@ BOUNDS_NS: tuple[int, ...] = (
 HANDSHAKE_REASONS = ("protocol_error", "refused", "timeout", "tls", "disconnected")
 
 
+class Histogram:
+    """Bucket counts over ``BOUNDS_NS`` and a sum (in ns)."""
+
+    __slots__ = ("buckets", "sum_ns")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(BOUNDS_NS) + 1)
+        self.sum_ns = 0
+
+    def observe(self, ns: int) -> None:
+        self.buckets[bisect_left(BOUNDS_NS, ns)] += 1
+        self.sum_ns += ns
+
+
 class ExportMetrics:
     """The counters of one export, shared by all its connections.
 
-    Lists are indexed by command number (``COMMAND_NAMES``).  ``buckets`` and
-    ``time_ns`` hold the durations of the requests that were timed (task and
-    direct ones) or refused (as 0); ``failed`` counts those the node failed,
+    Lists are indexed by command number (``COMMAND_NAMES``).  ``durations``
+    holds the durations of the requests that were timed (task and direct ones)
+    or refused (as 0); ``failed`` counts those the node failed,
     ``invalid`` those refused before reaching it, ``nbytes`` the lengths of the
     successful ones.  READs and WRITEs answered inline are not timed: they
     count in ``inline_*`` (read with the rest by ``requests``, ``histogram``
@@ -83,10 +97,9 @@ class ExportMetrics:
     the inline path only adds to two attributes.
     """
 
-    __slots__ = ("_inline_seen", "_inline_seen_ns", "buckets", "connections", "errors",
+    __slots__ = ("_inline_seen", "_inline_seen_ns", "connections", "durations", "errors",
                  "failed", "inline_read_bytes", "inline_reads", "inline_write_bytes",
-                 "inline_writes", "invalid", "last_ns", "nbytes", "time_ns",
-                 "wr_highest_offset")
+                 "inline_writes", "invalid", "last_ns", "nbytes", "wr_highest_offset")
 
     def __init__(self) -> None:
         count = len(COMMAND_NAMES)
@@ -95,8 +108,7 @@ class ExportMetrics:
         self.failed = [0] * count
         self.invalid = [0] * count
         self.nbytes = [0] * count
-        self.time_ns = [0] * count
-        self.buckets = [[0] * (len(BOUNDS_NS) + 1) for _ in range(count)]
+        self.durations = [Histogram() for _ in range(count)]
         #: (command, NBD errno) -> failed or refused requests
         self.errors: dict[tuple[int, int], int] = {}
         #: the end of the furthest successful write, zero or trim (qemu's wr_highest_offset)
@@ -112,9 +124,7 @@ class ExportMetrics:
              failed: bool = False) -> None:
         """A request the node answered (``failed``: with an error), begun at ``start``."""
         now = perf_counter_ns()
-        ns = now - start
-        self.buckets[cmd][bisect_left(BOUNDS_NS, ns)] += 1
-        self.time_ns[cmd] += ns
+        self.durations[cmd].observe(now - start)
         self.last_ns = now
         if failed:
             self.failed[cmd] += 1
@@ -132,7 +142,7 @@ class ExportMetrics:
         """A request answered with an error without reaching the node."""
         cmd = cmd if 0 <= cmd < UNKNOWN else UNKNOWN
         self.invalid[cmd] += 1
-        self.buckets[cmd][0] += 1
+        self.durations[cmd].buckets[0] += 1
         self.last_ns = perf_counter_ns()
         self.error(cmd, errno)
 
@@ -156,13 +166,17 @@ class ExportMetrics:
 
     def requests(self, cmd: int) -> int:
         """Requests of command ``cmd`` answered so far."""
-        return sum(self.buckets[cmd]) + self._inline(cmd)[0]
+        return sum(self.durations[cmd].buckets) + self._inline(cmd)[0]
 
     def histogram(self, cmd: int) -> list[int]:
         """Requests of ``cmd`` by duration bucket (``BOUNDS_NS``, then +Inf)."""
-        counts = list(self.buckets[cmd])
+        counts = list(self.durations[cmd].buckets)
         counts[0] += self._inline(cmd)[0]
         return counts
+
+    def time_ns(self, cmd: int) -> int:
+        """The summed durations of the timed requests of ``cmd``."""
+        return self.durations[cmd].sum_ns
 
     def byte_count(self, cmd: int) -> int:
         """The lengths of the successful requests of ``cmd``."""
@@ -175,20 +189,6 @@ class ExportMetrics:
 
     def open_connections(self) -> int:
         return sum(conn._core is not None for conn in list(self.connections))
-
-
-class Histogram:
-    """Bucket counts over ``BOUNDS_NS`` and a sum (in ns)."""
-
-    __slots__ = ("buckets", "sum_ns")
-
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(BOUNDS_NS) + 1)
-        self.sum_ns = 0
-
-    def observe(self, ns: int) -> None:
-        self.buckets[bisect_left(BOUNDS_NS, ns)] += 1
-        self.sum_ns += ns
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,7 +192,7 @@ class Collector:
             if count:
                 durations.add_metric([view.name, name],
                                      _cumulative(self.bounds, m.histogram(cmd)),
-                                     _seconds(m.time_ns[cmd]))
+                                     _seconds(m.time_ns(cmd)))
         for (cmd, errno), count in sorted(dict(m.errors).items()):
             errors.add_metric([view.name, COMMAND_NAMES[cmd], _errno_name(errno)], count)
         for direction, cmd in _DIRECTIONS:

@@ -57,7 +57,7 @@ _BYTES = {"rd": Cmd.READ, "wr": Cmd.WRITE, "unmap": Cmd.TRIM}
 def device_stats(counters: list[ExportMetrics]) -> dict[str, JSON]:
     """qemu's ``BlockDeviceStats`` of one node, from its exports' counters."""
     def total(field: str, cmds: tuple[Cmd, ...]) -> int:
-        if field in ("requests", "byte_count"):  # the methods that add inline requests
+        if field in ("requests", "byte_count", "time_ns"):  # methods, by command
             return sum(getattr(m, field)(cmd) for m in counters for cmd in cmds)
         return sum(getattr(m, field)[cmd] for m in counters for cmd in cmds)
 
