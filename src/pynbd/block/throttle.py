@@ -98,12 +98,15 @@ class ThrottleGroup:
         # in place: the fast paths of connections already open read this list
         self.limited[:] = [limits.limits(False), limits.limits(True)]
         for direction in (_READ, _WRITE):
-            timer = self._timers[direction]
-            if timer is not None:
-                timer.cancel()
-                self._timers[direction] = None
+            self._cancel_timer(direction)
             if self._waiting[direction]:
                 self._serve(direction)
+
+    def _cancel_timer(self, direction: int) -> None:
+        timer = self._timers[direction]
+        if timer is not None:
+            timer.cancel()
+            self._timers[direction] = None
 
     def join(self, member: ThrottleNode) -> None:
         self.members.append(member)
@@ -119,11 +122,8 @@ class ThrottleGroup:
                 if not future.done():
                     future.set_result(None)
             self._token[direction] = -1
-            if not self._waiting[direction] and self._timers[direction] is not None:
-                timer = self._timers[direction]
-                assert timer is not None
-                timer.cancel()
-                self._timers[direction] = None
+            if not self._waiting[direction]:
+                self._cancel_timer(direction)
 
     async def intercept(self, member: ThrottleNode, size: int, write: bool) -> None:
         """Return once a request of ``size`` bytes of ``member`` may start (counted)."""
