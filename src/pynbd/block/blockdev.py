@@ -64,6 +64,9 @@ if TYPE_CHECKING:
 #: the drivers ``build`` knows, by the kind of node they make
 PROTOCOL_DRIVERS = ("file", "host_device", "memory", "rbd")
 FORMAT_DRIVERS = ("raw", "qcow2")
+#: every driver that is not a protocol node (plugins are protocol nodes)
+FORMAT_AND_FILTER_DRIVERS = (*FORMAT_DRIVERS, "copy-before-write", "snapshot-access",
+                             "throttle", "log")
 #: how deep a backing chain opened from image headers may go
 MAX_BACKING_DEPTH = 64
 
@@ -137,7 +140,8 @@ class _Builder:
         else:  # python, or a plugin's own driver name (pynbd.block.plugin)
             node = await _plugin(options, read_only)
         self.opened.append(node)
-        if driver in PROTOCOL_DRIVERS and _cache(options).get("no-flush"):
+        protocol = driver in PROTOCOL_DRIVERS or driver not in FORMAT_AND_FILTER_DRIVERS
+        if protocol and _cache(options).get("no-flush"):
             node = NoFlushFilter(node)  # qemu's cache.no-flush: a flag of the node
             self.opened.append(node)
         if self.taken(name):  # an inline child took the name

@@ -245,7 +245,7 @@ class PluginNode(Node):
     driver = "python"
 
     def __init__(self, caller: _Caller, size: int, *, read_only: bool = False,
-                 discard: bool = True, no_flush: bool = False) -> None:
+                 discard: bool = True) -> None:
         plugin = caller.plugin
         self._caller = caller
         self._call = caller.call
@@ -257,9 +257,7 @@ class PluginNode(Node):
         writable = "write" in has and not read_only
         #: how FUA is kept: passed on (native), a flush after, or not at all
         self._native_fua = bool(attrs["native_fua"])
-        self._flush_after = "flush" in has and not self._native_fua and not no_flush
-        #: qemu's cache.no-flush: flushes are answered at once
-        self._no_flush = no_flush
+        self._flush_after = "flush" in has and not self._native_fua
         multi_conn = attrs["multi_conn"]
         self.capabilities = Capabilities(
             can_write=writable,
@@ -311,7 +309,7 @@ class PluginNode(Node):
             await self._write_call("write", offset, bytes(data), fua=fua)
 
     async def flush(self) -> None:
-        if self.capabilities.can_flush and not self._no_flush:
+        if self.capabilities.can_flush:
             await self._call("flush")
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
@@ -385,8 +383,7 @@ async def open_plugin(options: dict[str, Any], read_only: bool) -> PluginNode:
     return await open_loaded(
         plugin, check_options(options.get("options", {})), read_only=read_only,
         call_timeout=_timeout(options.get("timeout", DEFAULT_TIMEOUT)),
-        discard=options.get("discard", "ignore") == "unmap",
-        no_flush=bool((options.get("cache") or {}).get("no-flush")))
+        discard=options.get("discard", "ignore") == "unmap")
 
 
 async def open_class(cls: type, options: dict[str, str] | None = None, *,
@@ -399,8 +396,7 @@ async def open_class(cls: type, options: dict[str, str] | None = None, *,
 
 
 async def open_loaded(plugin: PluginClass, kwargs: dict[str, str], *, read_only: bool,
-                      call_timeout: float, discard: bool, no_flush: bool = False,
-                      ) -> PluginNode:
+                      call_timeout: float, discard: bool) -> PluginNode:
     """Make the plugin object and ask its size: the node."""
     check_arguments(plugin, kwargs)
     caller = _Caller(plugin, call_timeout)
@@ -422,4 +418,4 @@ async def open_loaded(plugin: PluginClass, kwargs: dict[str, str], *, read_only:
             raise PluginError(f"Could not open plugin '{plugin.source}': "
                               f"{err.strerror or err}{where}") from None
         raise
-    return PluginNode(caller, size, read_only=read_only, discard=discard, no_flush=no_flush)
+    return PluginNode(caller, size, read_only=read_only, discard=discard)

@@ -26,6 +26,7 @@ import pytest
 from tests.unit.block.support import outcome, pattern, read, run
 
 from pynbd.block.blockdev import BlockdevError, build
+from pynbd.block.cachemode import NoFlushFilter
 from pynbd.block.graph import BlockGraph
 from pynbd.block.node import FastZeroUnsupported
 from pynbd.block.plugin import PluginNode, open_class, open_plugin
@@ -695,3 +696,42 @@ def test_open_plugin_takes_blockdev_options() -> None:
     with pytest.raises(PluginError, match="Parameter 'timeout' expects a number"):
         run(open_plugin({"driver": "pattern", "timeout": -1, "options": {"size": "8"}},
                         False))
+
+
+def test_cache_no_flush_over_a_plugin_is_the_shared_filter(tmp_path: pathlib.Path) -> None:
+    """A plugin is a protocol node: ``cache.no-flush`` puts the same implicit
+    ``NoFlushFilter`` over it as over a file, and no flush reaches the plugin."""
+    source = tmp_path / "flushes.py"
+    source.write_text(textwrap.dedent('''
+        class Flushes:
+            def __init__(self):
+                self.calls = []
+
+            def size(self):
+                return 4096
+
+            def read(self, offset, length):
+                return bytes(length)
+
+            def write(self, offset, data):
+                self.calls.append("write")
+
+            def flush(self):
+                self.calls.append("flush")
+    '''))
+
+    async def body() -> None:
+        opened: list[Any] = []
+        made = await build(BlockGraph(), {"driver": "python", "plugin": str(source),
+                                          "cache": {"no-flush": True}}, opened)
+        top = made[-1][1]
+        assert isinstance(top, NoFlushFilter)
+        assert top.implicit
+        assert isinstance(top.child, PluginNode)
+        await top.pwrite(b"x", 0, fua=True)
+        await top.flush()
+        assert top.child._caller.instance.calls == ["write"]
+        for each in reversed(opened):
+            await each.close()
+
+    run(body())
