@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.support.engine import fails, on_engine
 
 from pynbd.block import BlockGraph, MemoryNode
 from pynbd.block.blockdev import BlockdevError, add_all, build
@@ -27,13 +28,12 @@ from pynbd.block.throttlemath import (
     ThrottleState,
     limits_from_properties,
 )
-from pynbd.qmp.engine import Engine
-from pynbd.qmp.protocol import QMPError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable
 
     from pynbd.block.node import Node
+    from pynbd.qmp.engine import Engine
 
 MIB = 1 << 20
 SIZE = 4 * MIB
@@ -530,23 +530,6 @@ def test_a_bad_object_names_itself() -> None:
 # -- QMP: object-add, blockdev-add, object-del, qom-get, qom-set -------------------------------
 
 
-async def fails(engine: Engine, name: str, args: dict[str, Any]) -> str:
-    with pytest.raises(QMPError) as info:
-        await engine.execute(name, args)
-    return info.value.desc
-
-
-def on_engine(body: Callable[[Engine], Awaitable[None]]) -> None:
-    async def main() -> None:
-        engine = Engine()
-        try:
-            await body(engine)
-        finally:
-            await engine.close()
-
-    asyncio.run(main())
-
-
 def test_qmp_groups_and_throttle_nodes() -> None:
     async def body(engine: Engine) -> None:
         await engine.execute("object-add", {"qom-type": "throttle-group", "id": "tg0",
@@ -601,8 +584,8 @@ def test_qmp_groups_and_throttle_nodes() -> None:
         assert await fails(engine, "qom-set", {"path": "tg0", "property": "x-iops-total",
                                                "value": 1}) == (
             "Property cannot be set after initialization")
-        assert await fails(engine, "qom-get", {"path": "tg9", "property": "limits"}) == (
-            "Device 'tg9' not found")
+        assert await fails(engine, "qom-get", {"path": "tg9", "property": "limits"},
+                           error_class="DeviceNotFound") == "Device 'tg9' not found"
         assert await fails(engine, "qom-get", {"path": "tg0", "property": "nope"}) == (
             "Property 'throttle-group.nope' not found")
         # once its node is gone the group can go

@@ -13,39 +13,22 @@ import subprocess
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.support.engine import fails
+from tests.support.engine import on_engine as run
 
 from pynbd.block.bitmap import BitmapError
 from pynbd.block.faults import FaultFilter
 from pynbd.block.graph import shown
 from pynbd.block.tracking import TrackingFilter
-from pynbd.qmp.engine import Engine
-from pynbd.qmp.protocol import QMPError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
     from pynbd.block.bitmap import DirtyBitmap
+    from pynbd.qmp.engine import Engine
 
 MiB = 1 << 20
 BUSY = "Bitmap '{}' is currently in use by another operation and cannot be used"
-
-
-def run(body: Callable[[Engine], Awaitable[None]]) -> None:
-    async def main() -> None:
-        engine = Engine()
-        try:
-            await body(engine)
-        finally:
-            await engine.close()
-    asyncio.run(main())
-
-
-async def fails(engine: Engine, command: str, args: dict[str, Any]) -> str:
-    with pytest.raises(QMPError) as info:
-        await engine.execute(command, args)
-    assert info.value.error_class == "GenericError"
-    return info.value.desc
 
 
 async def memory(engine: Engine, name: str, size: int = 4 * MiB) -> None:
