@@ -72,8 +72,14 @@ class Handlers(ConnectionState):
                      error: OSError | None) -> list[Buffer]:
         """The error reply for a request the node failed with ``error``."""
         assert error is not None
-        errno = nbd_errno(error.errno, cmd=request.cmd, flags=request.flags)
-        return core.reply_error(request.cookie, errno, error.strerror or str(error))
+        return self._errno_reply(core, request,
+                                 nbd_errno(error.errno, cmd=request.cmd, flags=request.flags),
+                                 error.strerror or str(error))
+
+    def _errno_reply(self, core: ServerTransmission, request: Request, errno: Errno,
+                     message: str) -> list[Buffer]:
+        """The error reply with its NBD errno (``server.metrics`` counts it here)."""
+        return core.reply_error(request.cookie, errno, message)
 
     def _reject(self, core: ServerTransmission, cookie: int, cmd: int, errno: Errno,
                 message: str) -> list[Buffer]:

@@ -35,7 +35,6 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from ..proto.constants import Cmd, Errno
-from ..proto.errors import nbd_errno
 from .connstate import READ, WRITE
 from .fastpath import FastPath
 from .handlers import Handlers
@@ -252,7 +251,7 @@ def time_rbd_calls(on: bool) -> None:
 _choose_fast_paths = FastPath._choose_fast_paths
 _try_inline = FastPath._try_inline
 _serve = Handlers._serve
-_error_reply = Handlers._error_reply
+_errno_reply = Handlers._errno_reply
 _reject = Handlers._reject
 
 
@@ -296,11 +295,10 @@ class Metered(FastPath, Handlers):
         self._metrics.done(request.cmd, request.offset, request.length, start, failed)
         return failed
 
-    def _error_reply(self, core: ServerTransmission, request: Request,
-                     error: OSError | None) -> list[Buffer]:
-        self._metrics.error(request.cmd, nbd_errno(error.errno if error else None,
-                                                   cmd=request.cmd, flags=request.flags))
-        return _error_reply(self, core, request, error)
+    def _errno_reply(self, core: ServerTransmission, request: Request, errno: Errno,
+                     message: str) -> list[Buffer]:
+        self._metrics.error(request.cmd, errno)
+        return _errno_reply(self, core, request, errno, message)
 
     def _reject(self, core: ServerTransmission, cookie: int, cmd: int, errno: Errno,
                 message: str) -> list[Buffer]:
